@@ -1,0 +1,46 @@
+"""Gradience: training-integrity insurance for PyTorch.
+
+Probe every rank every step, agree on one verdict, act (skip, snapshot, roll back, halt), report.
+"""
+
+from gradience.config import GradienceConfig
+from gradience.controller import GradienceController
+from gradience.errors import (
+    EXIT_GUARD_HALTED,
+    ConfigError,
+    ConsensusTimeout,
+    GradienceError,
+    GuardHalted,
+    SnapshotError,
+)
+from gradience.types import Action, Decision, GuardState, Reason, RiskLevel, Verdict
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EXIT_GUARD_HALTED",
+    "Action",
+    "ConfigError",
+    "ConsensusTimeout",
+    "Decision",
+    "GradienceCallback",
+    "GradienceConfig",
+    "GradienceController",
+    "GradienceError",
+    "GuardHalted",
+    "GuardState",
+    "Reason",
+    "RiskLevel",
+    "SnapshotError",
+    "Verdict",
+    "__version__",
+]
+
+
+def __getattr__(name: str):
+    # The Trainer callback imports transformers; load it only when asked for.
+    if name == "GradienceCallback":
+        from gradience.integrations.hf import GradienceCallback
+
+        return GradienceCallback
+    raise AttributeError(f"module 'gradience' has no attribute {name!r}")

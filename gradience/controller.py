@@ -1,0 +1,345 @@
+"""GradienceController: runs probe -> consensus -> policy -> effects -> telemetry for any training loop.
+
+The controller owns no policy: it measures (probe), agrees (consensus), asks ``policy.decide`` and carries
+out the Decision (skip, snapshot, rollback with LR backoff, halt), reporting each action to telemetry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradience import policy
+from gradience.comm import Comm, default_comm
+from gradience.config import GradienceConfig
+from gradience.consensus import agree
+from gradience.errors import EXIT_GUARD_HALTED, ConfigError, ConsensusTimeout, SnapshotError
+from gradience.lr import current_lr, scale_lr
+from gradience.probe import bad_parameters, probe_grads, probe_step
+from gradience.snapshot import SnapshotStore, agree_all, capture_state, restore_state
+from gradience.telemetry import Telemetry
+from gradience.types import Action, Decision, GuardState, Phase, ProbeReport, Verdict
+
+STATE_VERSION = 1
+
+
+class GradienceController:
+    """Guards a training loop. Call :meth:`initialize` once, then per step
+    :meth:`before_optimizer_step` (optional gradient gate) and :meth:`step`; :meth:`finalize` at the end.
+
+    Args:
+        config: a :class:`GradienceConfig`; any config field may also be given as a keyword.
+        process_group: torch.distributed group to agree over (default: the default group when
+            torch.distributed is initialized, else a single process).
+        comm: an explicit :class:`~gradience.comm.Comm` (overrides ``process_group``; used by tests).
+    """
+
+    def __init__(
+        self,
+        config: GradienceConfig | None = None,
+        *,
+        process_group: Any | None = None,
+        comm: Comm | None = None,
+        **fields: Any,
+    ) -> None:
+        base = config or GradienceConfig()
+        self.config = base.replace(**fields) if fields else base
+        self._group = process_group
+        self.comm: Comm | None = comm
+        self.state = GuardState()
+        self.model: torch.nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: Any | None = None
+        self._save_fn = self._load_fn = self._get_lr = self._set_lr = None
+        self.store: SnapshotStore | None = None
+        self.telemetry: Telemetry | None = None
+        self.steps_seen = 0
+        self.last_step: int | None = None
+        self.last_loss: float | None = None
+        self._skipped_this_step = False
+        self._aborted: str | None = None
+
+    # ------------------------------------------------------------------------------------------ set-up
+    def initialize(
+        self,
+        model: torch.nn.Module,
+        save_fn: Callable[[str], None] | None = None,
+        load_fn: Callable[[str], None] | None = None,
+        get_lr: Callable[[], float] | None = None,
+        set_lr: Callable[[float], None] | None = None,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any | None = None,
+        start_step: int = -1,
+        resume: bool = False,
+    ) -> None:
+        """Attach to a model and take the initial snapshot (collective).
+
+        Either pass ``optimizer=`` (and ``scheduler=``) and Gradience snapshots model + optimizer state
+        itself as safetensors and applies LR backoff through the scheduler, or pass ``save_fn(path)`` /
+        ``load_fn(path)`` that write / restore a checkpoint at ``path`` and ``get_lr()`` / ``set_lr(lr)``.
+        ``start_step`` labels the initial snapshot (the step before the first one the loop will report).
+        """
+        if (save_fn is None) != (load_fn is None):
+            raise ConfigError("initialize: save_fn and load_fn must be given together")
+        if (get_lr is None) != (set_lr is None):
+            raise ConfigError("initialize: get_lr and set_lr must be given together")
+        guard = self.config.guard_enabled
+        if guard and save_fn is None and optimizer is None:
+            raise ConfigError("initialize: pass optimizer= (Gradience snapshots it) or save_fn and load_fn")
+        if guard and get_lr is None and optimizer is None and self.config.guard_lr_backoff != 1.0:
+            raise ConfigError("initialize: LR backoff needs optimizer= or get_lr and set_lr")
+        if guard and save_fn is not None and self.config.guard_snapshot_tier == "memory":
+            raise ConfigError("guard_snapshot_tier='memory' stores tensors; use optimizer= instead of save_fn")
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self._save_fn, self._load_fn, self._get_lr, self._set_lr = save_fn, load_fn, get_lr, set_lr
+        if self.comm is None:
+            self.comm = default_comm(self._group, timeout_s=self.config.collective_timeout_s)
+        out = Path(self.config.out_dir)
+        self.telemetry = Telemetry(out, rank=self.comm.rank, redact_max_chars=self.config.redact_max_chars,
+                                   append=resume)
+        self.telemetry.emit("start", world_size=self.comm.world_size, config=self.config.to_dict())
+        if not guard:
+            return
+        self.store = SnapshotStore(out / "snapshots", self.comm, tier=self.config.guard_snapshot_tier)
+        self._collective(self.store.reset)
+        if not self._collective(self._snapshot, start_step):
+            raise SnapshotError(f"could not commit the initial snapshot under {out / 'snapshots'}")
+
+    # ------------------------------------------------------------------------------------------ per step
+    def before_optimizer_step(
+        self, model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
+        *, step: int | None = None,
+    ) -> bool:
+        """Gradient gate, after backward (and clipping), before ``optimizer.step()`` (collective).
+
+        Returns False when this update must not happen; the gradients are then dropped (``p.grad = None``)
+        so even an unconditional ``optimizer.step()`` leaves parameters and optimizer state bitwise unchanged.
+        """
+        self._require_initialized()
+        if not (self.config.guard_enabled and self.config.guard_check_grads) or self.state.halted:
+            return not self.state.halted
+        step = self._next_step() if step is None else step
+        optimizer = optimizer or self.optimizer
+        params = _params_of(optimizer, model or self.model)
+        report = self._probe(Phase.GRADS, step, lambda: probe_grads(
+            params, step=step, threshold=self.config.guard_violation_threshold))
+        verdict = self._agree(report)
+        self.state, decision = policy.decide(self.state, verdict, self.config)
+        if decision.action is Action.CONTINUE:
+            return True
+        for p in params:
+            p.grad = None
+        self._skipped_this_step = True
+        if decision.action is Action.SKIP_STEP:
+            self.telemetry.emit("skip_step", step=step, reason=decision.reason, faulty_ranks=verdict.faulty_ranks,
+                                max_abs_grad=verdict.max_abs_grad, local_bad_grads=self._bad_grads(report))
+        else:
+            self._act(step, verdict, decision)
+        return False
+
+    def step(self, step: int, loss: torch.Tensor | float | None, model: torch.nn.Module | None = None) -> bool:
+        """Check loss and weights after the optimizer step and act (collective).
+
+        Returns False only when training must stop (faults outlived ``guard_max_rollbacks`` or no good
+        snapshot is left); ``summary.json`` then says why.
+        """
+        self._require_initialized()
+        if self.state.halted:
+            return False
+        model = model or self.model
+        self.steps_seen += 1
+        self.last_step = step
+        fp_every = self.config.fingerprint_interval
+        report = self._probe(Phase.STEP, step, lambda: probe_step(
+            loss, model, step=step, threshold=self.config.guard_violation_threshold,
+            update_skipped=self._skipped_this_step, with_fingerprint=bool(fp_every) and step % fp_every == 0))
+        self._skipped_this_step = False
+        self.last_loss = report.loss
+        verdict = self._agree(report)
+        self.state, decision = policy.decide(self.state, verdict, self.config)
+        if decision.reason is not None and not self.config.guard_enabled:
+            self.telemetry.emit("fault", step=step, reason=decision.reason, faulty_ranks=verdict.faulty_ranks)
+        self._act(step, verdict, decision)
+        if step % self.config.telemetry_interval == 0:
+            self.telemetry.emit("telemetry", step=step, train_loss=self.last_loss, lr=self._lr(),
+                                lr_scale=self.state.lr_scale, max_abs_weight=verdict.max_abs_weight,
+                                spectral_kappa=None, risk_level=None)
+        return not self.state.halted
+
+    def finalize(self) -> dict[str, Any]:
+        """Write ``summary.json`` (rank 0) and a ``summary`` event; return the summary dict."""
+        self._require_initialized()
+        summary = self.summary()
+        self.telemetry.emit("summary", **summary)
+        written = self.telemetry.write_summary(summary)
+        self.telemetry.close()
+        return written
+
+    # ------------------------------------------------------------------------------------------ reports
+    @property
+    def halted(self) -> bool:
+        """True once the guard stopped training (or a collective failed)."""
+        return self.state.halted or self._aborted is not None
+
+    @property
+    def exit_code(self) -> int:
+        """0, or :data:`~gradience.errors.EXIT_GUARD_HALTED` when the guard stopped the run."""
+        return EXIT_GUARD_HALTED if self.halted else 0
+
+    def integrity_status(self) -> str:
+        """OK (no fault), RECOVERED (faults handled), ABORTED (halted), FAULTED (faults, guard disabled)."""
+        s = self.state
+        if self.halted:
+            return "ABORTED"
+        if s.first_fault_step is None:
+            return "OK"
+        return "RECOVERED" if self.config.guard_enabled else "FAULTED"
+
+    def summary(self) -> dict[str, Any]:
+        """The run summary (what :meth:`finalize` writes)."""
+        s = self.state
+        return {
+            "total_steps": self.steps_seen,
+            "final_step": self.last_step,
+            "final_loss": self.last_loss,
+            "world_size": self.comm.world_size if self.comm else 1,
+            "guard": {
+                "enabled": self.config.guard_enabled,
+                "integrity_status": self.integrity_status(),
+                "total_rollbacks": s.total_rollbacks,
+                "total_skipped_steps": s.skipped_steps,
+                "halt_reason": (s.halt_reason.value if s.halt_reason else self._aborted),
+                "lr_scale": s.lr_scale,
+                "first_fault_step": s.first_fault_step,
+                "first_fault_ranks": list(s.first_fault_ranks),
+                "snapshots": list(s.committed),
+            },
+            "spectral": {"final_kappa": None, "final_risk_level": None},
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Guard state for checkpoints (identical on all ranks)."""
+        return {"version": STATE_VERSION, "guard_state": self.state.to_dict(), "steps_seen": self.steps_seen,
+                "last_step": self.last_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported gradience state version {state.get('version')!r}")
+        self.state = GuardState.from_dict(state["guard_state"])
+        self.steps_seen = int(state["steps_seen"])
+        self.last_step = state["last_step"]
+
+    # ------------------------------------------------------------------------------------------ effects
+    def _act(self, step: int, verdict: Verdict, decision: Decision) -> None:
+        if decision.action is Action.SNAPSHOT:
+            self._snapshot(step)
+        elif decision.action is Action.ROLLBACK:
+            self._rollback(step, verdict, decision)
+        elif decision.action is Action.HALT:
+            self.telemetry.emit("abort", step=step, reason=decision.reason, faulty_ranks=verdict.faulty_ranks,
+                                total_rollbacks=self.state.total_rollbacks)
+
+    def _snapshot(self, step: int) -> bool:
+        meta = {"step": step, "rank": self.comm.rank, "world_size": self.comm.world_size,
+                "lr_scale": self.state.lr_scale, "guard_state": self.state.to_dict()}
+        if self._save_fn is not None:
+            ok = self.store.save(step, meta=meta, save_fn=self._save_fn)
+        else:
+            tensors, extra = capture_state(self.model, self.optimizer,
+                                           copy=self.config.guard_snapshot_tier == "memory")
+            ok = self.store.save(step, tensors=tensors, meta={**meta, **extra})
+        if ok:
+            self.state = policy.on_snapshot_committed(self.state, step, self.config)
+            self.store.prune(self.state.committed)
+        self.telemetry.emit("snapshot", step=step, committed=ok, tier=self.config.guard_snapshot_tier,
+                            path=str(self.store.step_dir(step)) if ok else None)
+        return ok
+
+    def _rollback(self, step: int, verdict: Verdict, decision: Decision) -> None:
+        first_reason = decision.reason
+        bad = self._bad_weights(verdict)  # before the restore overwrites the evidence
+        while decision.action is Action.ROLLBACK:
+            target = decision.target_step
+            prepared = self.store.prepare(target)
+            if self._collective(agree_all, self.comm, prepared is not None):
+                self._restore(prepared)
+                self.telemetry.emit(
+                    "rollback_success", step=step, to_step=target, reason=first_reason, lr=self._lr(),
+                    lr_scale=self.state.lr_scale, faulty_ranks=verdict.faulty_ranks,
+                    local_bad_params=bad, total_rollbacks=self.state.total_rollbacks)
+                return
+            self.telemetry.emit("rollback_failed", step=step, to_step=target, reason="SNAPSHOT_UNREADABLE",
+                                local_ok=prepared is not None)
+            self.state, decision = policy.on_restore_failed(self.state, target, self.config)
+            self.store.prune(self.state.committed)
+        self.telemetry.emit("abort", step=step, reason=decision.reason, faulty_ranks=verdict.faulty_ranks,
+                            total_rollbacks=self.state.total_rollbacks)
+
+    def _restore(self, prepared: Any) -> None:
+        factor = self.config.guard_lr_backoff
+        if self._load_fn is not None:
+            lr = self._get_lr() if self._get_lr else None
+            self._load_fn(str(prepared.path))
+            if self._set_lr is not None:
+                self._set_lr(lr * factor)
+        else:
+            restore_state(prepared.tensors, prepared.meta, self.model, self.optimizer)
+        if self.optimizer is not None and self._set_lr is None:
+            scale_lr(self.optimizer, self.scheduler, factor)
+
+    # ------------------------------------------------------------------------------------------ plumbing
+    def _probe(self, phase: Phase, step: int, fn: Callable[[], ProbeReport]) -> ProbeReport:
+        try:
+            return fn()
+        except Exception as e:  # a raising probe must still take part in the collective
+            self.telemetry.emit("probe_error", step=step, phase=phase, error=f"{type(e).__name__}: {e}")
+            return ProbeReport(phase=phase, step=step, probe_error=True)
+
+    def _agree(self, report: ProbeReport) -> Verdict:
+        return self._collective(agree, report, self.comm)
+
+    def _collective(self, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except ConsensusTimeout as e:
+            self._aborted = "CONSENSUS_TIMEOUT"
+            self.telemetry.emit("abort", step=self.last_step, reason="CONSENSUS_TIMEOUT", error=str(e))
+            self.telemetry.write_summary(self.summary())
+            raise
+
+    def _lr(self) -> float | None:
+        if self._get_lr is not None:
+            return float(self._get_lr())
+        return current_lr(self.optimizer) if self.optimizer is not None else None
+
+    def _next_step(self) -> int:
+        return 0 if self.last_step is None else self.last_step + 1
+
+    def _bad_grads(self, report: ProbeReport) -> list[str]:
+        if not report.faulty or self.model is None:
+            return []
+        named = ((n, p.grad) for n, p in self.model.named_parameters())
+        return bad_parameters(named, threshold=self.config.guard_violation_threshold)
+
+    def _bad_weights(self, verdict: Verdict) -> list[str]:
+        if self.comm.rank not in verdict.faulty_ranks:
+            return []
+        return bad_parameters(self.model.named_parameters(), threshold=self.config.guard_violation_threshold)
+
+    def _require_initialized(self) -> None:
+        if self.telemetry is None:
+            raise RuntimeError("GradienceController.initialize(model, ...) must be called first")
+
+
+def _params_of(optimizer: torch.optim.Optimizer | None, model: torch.nn.Module | None) -> list[torch.nn.Parameter]:
+    if optimizer is not None:
+        return [p for g in optimizer.param_groups for p in g["params"]]
+    if model is not None:
+        return list(model.parameters())
+    raise ValueError("before_optimizer_step needs a model or an optimizer")
+

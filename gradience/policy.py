@@ -1,0 +1,119 @@
+"""The guard's decisions: pure functions of (GuardState, Verdict, GradienceConfig). No torch, IO or clock.
+
+Every rank calls these with the same agreed inputs, so every rank reaches the same Decision without a
+broadcast. The controller carries decisions out and reports back through ``on_*`` functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from gradience.config import GradienceConfig
+from gradience.types import Action, Decision, GuardState, Phase, Reason, Verdict
+
+
+def decide(state: GuardState, verdict: Verdict, config: GradienceConfig) -> tuple[GuardState, Decision]:
+    """Decide what to do with one phase of one step."""
+    if state.halted:
+        return state, Decision(action=Action.HALT, reason=state.halt_reason, lr_scale=state.lr_scale)
+    reason = verdict.fault_reason()
+    if reason is None:
+        return _healthy(state, verdict, config)
+    if state.first_fault_step is None:
+        state = dataclasses.replace(
+            state, first_fault_step=verdict.step, first_fault_ranks=verdict.faulty_ranks
+        )
+    if not config.guard_enabled:
+        return state, Decision(action=Action.CONTINUE, reason=reason, lr_scale=state.lr_scale)
+    if verdict.phase is Phase.GRADS and state.consecutive_skips < config.guard_max_consecutive_skips:
+        state = dataclasses.replace(
+            state, skipped_steps=state.skipped_steps + 1, consecutive_skips=state.consecutive_skips + 1
+        )
+        return state, Decision(action=Action.SKIP_STEP, reason=reason, lr_scale=state.lr_scale)
+    return _rollback(state, reason, config)
+
+
+def _healthy(state: GuardState, verdict: Verdict, config: GradienceConfig) -> tuple[GuardState, Decision]:
+    if verdict.phase is Phase.GRADS:
+        if state.consecutive_skips:
+            state = dataclasses.replace(state, consecutive_skips=0)
+        return state, Decision(action=Action.CONTINUE, lr_scale=state.lr_scale)
+    due = config.guard_enabled and verdict.step % config.guard_snapshot_interval == 0
+    action = Action.SNAPSHOT if due else Action.CONTINUE
+    return state, Decision(action=action, lr_scale=state.lr_scale)
+
+
+def _rollback(state: GuardState, reason: Reason, config: GradienceConfig) -> tuple[GuardState, Decision]:
+    if state.episode_target is not None:
+        # A fault after restoring this snapshot and before any newer commit: the restore did not cure it.
+        state = _count_failure(state, state.episode_target)
+    if state.episode_rollbacks >= config.guard_max_rollbacks:
+        return _halt(state, Reason.ROLLBACK_BUDGET_EXHAUSTED)
+    target = pick_target(state, config)
+    if target is None:
+        return _halt(state, Reason.NO_GOOD_SNAPSHOT)
+    state = dataclasses.replace(
+        state,
+        lr_scale=state.lr_scale * config.guard_lr_backoff,
+        total_rollbacks=state.total_rollbacks + 1,
+        episode_rollbacks=state.episode_rollbacks + 1,
+        episode_target=target,
+        consecutive_skips=0,
+    )
+    return state, Decision(action=Action.ROLLBACK, reason=reason, target_step=target, lr_scale=state.lr_scale)
+
+
+def pick_target(state: GuardState, config: GradienceConfig) -> int | None:
+    """Newest committed snapshot that has not failed ``guard_max_snapshot_failures`` times."""
+    for step in reversed(state.committed):
+        if state.failures(step) < config.guard_max_snapshot_failures:
+            return step
+    return None
+
+
+def on_restore_failed(state: GuardState, step: int, config: GradienceConfig) -> tuple[GuardState, Decision]:
+    """Snapshot ``step`` could not be restored on some rank (missing, corrupt): drop it, try the next older.
+
+    This continues the same rollback, so it costs no extra budget and no extra LR backoff.
+    """
+    committed = tuple(s for s in state.committed if s != step)
+    state = dataclasses.replace(state, committed=committed)
+    target = pick_target(state, config)
+    if target is None:
+        return _halt(state, Reason.NO_GOOD_SNAPSHOT)
+    state = dataclasses.replace(state, episode_target=target)
+    return state, Decision(
+        action=Action.ROLLBACK, reason=Reason.NO_GOOD_SNAPSHOT, target_step=target, lr_scale=state.lr_scale
+    )
+
+
+def on_snapshot_committed(state: GuardState, step: int, config: GradienceConfig) -> GuardState:
+    """Record a committed snapshot; a commit after a recovery closes the rollback episode."""
+    committed = tuple(s for s in state.committed if s != step) + (step,)
+    state = dataclasses.replace(state, committed=committed, episode_target=None, episode_rollbacks=0)
+    keep = retained(state, config)
+    failures = tuple(p for p in state.target_failures if p[0] in keep)
+    return dataclasses.replace(state, committed=keep, target_failures=failures)
+
+
+def retained(state: GuardState, config: GradienceConfig) -> tuple[int, ...]:
+    """Snapshots to keep: the newest ``guard_snapshot_keep``, plus the newest one that never failed."""
+    keep = list(state.committed[-config.guard_snapshot_keep :])
+    if all(state.failures(s) > 0 for s in keep):
+        clean = [s for s in state.committed if state.failures(s) == 0]
+        if clean and clean[-1] not in keep:
+            keep.insert(0, clean[-1])
+    if state.episode_target is not None and state.episode_target in state.committed:
+        keep.append(state.episode_target)
+    return tuple(sorted(set(keep)))
+
+
+def _count_failure(state: GuardState, step: int) -> GuardState:
+    failures = dict(state.target_failures)
+    failures[step] = failures.get(step, 0) + 1
+    return dataclasses.replace(state, target_failures=tuple(sorted(failures.items())))
+
+
+def _halt(state: GuardState, reason: Reason) -> tuple[GuardState, Decision]:
+    state = dataclasses.replace(state, halted=True, halt_reason=reason)
+    return state, Decision(action=Action.HALT, reason=reason, lr_scale=state.lr_scale)

@@ -1,0 +1,129 @@
+"""Local health checks of one rank: NaN/Inf and magnitude of loss, gradients and weights, and a replica
+fingerprint. No collectives. Each check is one fused pass over the tensors and one host sync, because a
+per-tensor ``isfinite().item()`` loop costs tens of percent of a GPU step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from gradience.types import Phase, ProbeReport
+
+_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+# 2**52: fingerprints must survive a float64 round trip through the all-reduce exactly.
+_FP_MOD = 1 << 52
+
+
+def max_abs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Max |x| over all tensors as a 0-d float32 tensor (NaN if any element is NaN); no host sync."""
+    if not tensors:
+        return torch.zeros(())
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t)
+    first = tensors[0].device
+    parts = []
+    for device, group in by_device.items():
+        norms = torch._foreach_norm(group, math.inf)
+        parts.append(torch.stack([n.float() for n in norms]).max().to(first))
+    # max() propagates NaN, which is exactly the signal we want to keep.
+    return torch.stack(parts).max() if len(parts) > 1 else parts[0]
+
+
+def weight_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Parameters and floating-point buffers (e.g. BatchNorm running stats) that can be corrupted."""
+    out = [p.detach() for p in model.parameters() if p.numel()]
+    out += [b for b in model.buffers() if b.is_floating_point() and b.numel()]
+    return out
+
+
+def grad_tensors(params: Iterable[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """Gradients that exist (dense ones; sparse gradients are densified views are skipped)."""
+    return [p.grad.detach() for p in params if p.grad is not None and not p.grad.is_sparse and p.grad.numel()]
+
+
+def probe_grads(params: Iterable[torch.nn.Parameter], *, step: int, threshold: float) -> ProbeReport:
+    """Check gradients before the optimizer step."""
+    grads = grad_tensors(params)
+    value = float(max_abs(grads).item()) if grads else 0.0
+    return ProbeReport(
+        phase=Phase.GRADS,
+        step=step,
+        nonfinite_grads=not math.isfinite(value),
+        violation_grads=math.isfinite(value) and value > threshold,
+        max_abs_grad=_finite_or_inf(value),
+    )
+
+
+def probe_step(
+    loss: torch.Tensor | float | None,
+    model: torch.nn.Module,
+    *,
+    step: int,
+    threshold: float,
+    update_skipped: bool = False,
+    with_fingerprint: bool = False,
+) -> ProbeReport:
+    """Check loss and weights after the optimizer step, with one host sync for both."""
+    weights = weight_tensors(model)
+    wmax = max_abs(weights) if weights else torch.zeros(())
+    if isinstance(loss, torch.Tensor):
+        loss_t = loss.detach().float().reshape(-1)[:1].to(wmax.device).reshape(())
+    else:
+        loss_t = torch.tensor(float(loss) if loss is not None else 0.0, device=wmax.device)
+    packed = [loss_t, wmax]
+    if with_fingerprint:
+        packed.append(fingerprint_tensor(weights).to(wmax.device).double())
+    host = torch.stack([t.double() for t in packed]).tolist()
+    lossv, wv = abs(host[0]), host[1]
+    return ProbeReport(
+        phase=Phase.STEP,
+        step=step,
+        nonfinite_loss=not math.isfinite(lossv),
+        violation_loss=math.isfinite(lossv) and lossv > threshold,
+        nonfinite_weights=not math.isfinite(wv),
+        violation_weights=math.isfinite(wv) and wv > threshold,
+        update_skipped=update_skipped,
+        max_abs_weight=_finite_or_inf(wv),
+        loss=host[0] if loss is not None else None,
+        fingerprint=float(int(host[2]) % _FP_MOD) if with_fingerprint else None,
+    )
+
+
+def fingerprint_tensor(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Order-independent integer checksum of the bit patterns of ``tensors`` (0-d int64, no host sync).
+
+    Integer sums are associative, so identical replicas give identical fingerprints on any hardware and
+    thread count, while a single flipped bit changes the value.
+    """
+    if not tensors:
+        return torch.zeros((), dtype=torch.int64)
+    device = tensors[0].device
+    sums = []
+    for i, t in enumerate(tensors):
+        bits = t.detach().contiguous().view(_INT_VIEW[t.element_size()]).to(device)
+        sums.append(bits.sum(dtype=torch.int64) * (2 * i + 1))
+    return torch.stack(sums).sum() % _FP_MOD
+
+
+def bad_parameters(
+    named: Iterable[tuple[str, torch.Tensor]], *, threshold: float, limit: int = 5
+) -> list[str]:
+    """Names of up to ``limit`` tensors holding NaN/Inf or values beyond ``threshold`` (slow; faults only)."""
+    out = []
+    for name, t in named:
+        if t is None or not t.is_floating_point() or not t.numel():
+            continue
+        m = float(t.detach().abs().max())
+        if not math.isfinite(m) or m > threshold:
+            out.append(name)
+            if len(out) >= limit:
+                break
+    return out
+
+
+def _finite_or_inf(v: float) -> float:
+    return v if math.isfinite(v) else math.inf

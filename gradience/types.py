@@ -1,0 +1,196 @@
+"""Plain data exchanged between probe, consensus, policy and controller. No torch, no IO."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass
+
+
+class RiskLevel(str, enum.Enum):
+    """Spectral risk level, from the slope and volatility of log κ̃ per optimizer step."""
+
+    STABLE = "STABLE"
+    LEARNING = "LEARNING"
+    WARNING = "WARNING"
+    DANGER = "DANGER"
+    INSTABILITY = "INSTABILITY"
+
+
+class Reason(str, enum.Enum):
+    """Why the guard skipped, rolled back or halted. Values appear verbatim in telemetry and summary."""
+
+    NONFINITE_WEIGHTS = "NONFINITE_WEIGHTS"
+    NONFINITE_GRADS = "NONFINITE_GRADS"
+    NONFINITE_LOSS = "NONFINITE_LOSS"
+    VIOLATION_THRESHOLD = "VIOLATION_THRESHOLD"
+    SPECTRAL_INSTABILITY = "SPECTRAL_INSTABILITY"
+    REPLICA_DIVERGENCE = "REPLICA_DIVERGENCE"
+    PROBE_ERROR = "PROBE_ERROR"
+    ROLLBACK_BUDGET_EXHAUSTED = "ROLLBACK_BUDGET_EXHAUSTED"
+    NO_GOOD_SNAPSHOT = "NO_GOOD_SNAPSHOT"
+
+
+class Phase(str, enum.Enum):
+    """Where in the step a probe ran: before the optimizer update (gradients) or after it (loss, weights)."""
+
+    GRADS = "grads"
+    STEP = "step"
+
+
+class Action(str, enum.Enum):
+    """What the controller must do with the step; every rank derives the same one."""
+
+    CONTINUE = "continue"
+    SKIP_STEP = "skip_step"
+    SNAPSHOT = "snapshot"
+    ROLLBACK = "rollback"
+    HALT = "halt"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeReport:
+    """One rank's local health observation for one phase of one step."""
+
+    phase: Phase
+    step: int
+    probe_error: bool = False
+    nonfinite_loss: bool = False
+    nonfinite_grads: bool = False
+    nonfinite_weights: bool = False
+    violation_loss: bool = False
+    violation_grads: bool = False
+    violation_weights: bool = False
+    update_skipped: bool = False
+    max_abs_grad: float = 0.0
+    max_abs_weight: float = 0.0
+    #: This rank's loss as reported by the loop (None if not given or the probe failed).
+    loss: float | None = None
+    #: Order-independent checksum of the weights, or None when not computed this step.
+    fingerprint: float | None = None
+
+    @property
+    def faulty(self) -> bool:
+        """True when this rank saw anything that the policy acts on."""
+        return (
+            self.probe_error
+            or self.nonfinite_loss
+            or self.nonfinite_grads
+            or self.nonfinite_weights
+            or self.violation_loss
+            or self.violation_grads
+            or self.violation_weights
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Verdict:
+    """The agreed view of all ranks for one phase of one step; identical on every rank."""
+
+    phase: Phase
+    step: int
+    world_size: int = 1
+    probe_error: bool = False
+    nonfinite_loss: bool = False
+    nonfinite_grads: bool = False
+    nonfinite_weights: bool = False
+    violation_loss: bool = False
+    violation_grads: bool = False
+    violation_weights: bool = False
+    update_skipped: bool = False
+    replica_divergence: bool = False
+    max_abs_grad: float = 0.0
+    max_abs_weight: float = 0.0
+    #: Ranks whose local report was faulty (sorted).
+    faulty_ranks: tuple[int, ...] = ()
+
+    def fault_reason(self) -> Reason | None:
+        """The most specific reason this verdict calls for action, or None when healthy."""
+        if self.phase is Phase.GRADS:
+            if self.nonfinite_grads:
+                return Reason.NONFINITE_GRADS
+            if self.violation_grads:
+                return Reason.VIOLATION_THRESHOLD
+            if self.probe_error:
+                return Reason.PROBE_ERROR
+            return None
+        if self.nonfinite_weights:
+            return Reason.NONFINITE_WEIGHTS
+        if self.replica_divergence:
+            return Reason.REPLICA_DIVERGENCE
+        if self.violation_weights:
+            return Reason.VIOLATION_THRESHOLD
+        # A bad loss whose update the gradient gate already skipped left the weights untouched.
+        if self.nonfinite_loss and not self.update_skipped:
+            return Reason.NONFINITE_LOSS
+        if self.violation_loss and not self.update_skipped:
+            return Reason.VIOLATION_THRESHOLD
+        if self.probe_error:
+            return Reason.PROBE_ERROR
+        return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Decision:
+    """What to do, as data; the controller carries it out."""
+
+    action: Action
+    reason: Reason | None = None
+    #: Snapshot step to restore (ROLLBACK only).
+    target_step: int | None = None
+    #: LR scale in force after this decision (relative to the undisturbed schedule).
+    lr_scale: float = 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class GuardState:
+    """Everything the policy remembers; identical on all ranks and saved with snapshots and checkpoints."""
+
+    lr_scale: float = 1.0
+    total_rollbacks: int = 0
+    #: Rollbacks since the last snapshot committed after a recovery; bounded by ``guard_max_rollbacks``.
+    episode_rollbacks: int = 0
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
+    #: Committed snapshot steps, oldest first.
+    committed: tuple[int, ...] = ()
+    #: (snapshot step, number of rollbacks to it that were followed by another fault).
+    target_failures: tuple[tuple[int, int], ...] = ()
+    #: Snapshot restored by the current rollback episode, None outside an episode.
+    episode_target: int | None = None
+    halted: bool = False
+    halt_reason: Reason | None = None
+    first_fault_step: int | None = None
+    first_fault_ranks: tuple[int, ...] = ()
+
+    def failures(self, step: int) -> int:
+        """How many rollbacks to snapshot ``step`` were followed by another fault."""
+        return dict(self.target_failures).get(step, 0)
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (enums as strings, tuples as lists)."""
+        out = dataclasses.asdict(self)
+        out["halt_reason"] = self.halt_reason.value if self.halt_reason else None
+        out["committed"] = list(self.committed)
+        out["target_failures"] = [list(p) for p in self.target_failures]
+        out["first_fault_ranks"] = list(self.first_fault_ranks)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> GuardState:
+        """Inverse of :meth:`to_dict`; unknown keys are rejected."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown GuardState field(s): {sorted(unknown)}")
+        d = dict(data)
+        if d.get("halt_reason") is not None:
+            d["halt_reason"] = Reason(d["halt_reason"])
+        for key in ("committed", "first_fault_ranks"):
+            if key in d:
+                d[key] = tuple(int(x) for x in d[key])
+        if "target_failures" in d:
+            d["target_failures"] = tuple((int(s), int(n)) for s, n in d["target_failures"])
+        return cls(**d)
+
+
