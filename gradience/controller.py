@@ -131,12 +131,13 @@ class GradienceController:
         self.state, decision = policy.decide(self.state, verdict, self.config)
         if decision.action is Action.CONTINUE:
             return True
+        bad = self._bad_grads(report)  # before the grads are dropped
         for p in params:
             p.grad = None
         self._skipped_this_step = True
         if decision.action is Action.SKIP_STEP:
             self.telemetry.emit("skip_step", step=step, reason=decision.reason, faulty_ranks=verdict.faulty_ranks,
-                                max_abs_grad=verdict.max_abs_grad, local_bad_grads=self._bad_grads(report))
+                                max_abs_grad=verdict.max_abs_grad, local_bad_grads=bad)
         else:
             self._act(step, verdict, decision)
         return False

@@ -1,0 +1,334 @@
+"""The end-to-end demo: train a tiny GPT-2, corrupt it on purpose, watch the guard recover.
+
+This module owns the demo training loop, its fault injection and its printed report; it owns no guard
+logic (everything goes through :class:`~gradience.controller.GradienceController`).
+
+Usage::
+
+    python -m gradience.demo --guard --inject-nan          # NaN in a weight at step 50 -> 1 rollback, healthy end
+    python -m gradience.demo --inject-nan                  # same fault, no guard -> loss NaN, exit status 1
+    python -m gradience.demo --guard --inject-grad-nan     # NaN gradient -> the update is skipped
+    gradience demo --guard --inject-nan --steps 80 --inject-step 30 --out-dir /tmp/run
+    torchrun --standalone --nproc_per_node 2 -m gradience.demo --guard --inject-nan --inject-rank 1
+
+The model is ``GPT2LMHeadModel`` built from a small ``GPT2Config`` (no download), trained on the bytes of a
+few Python standard-library source files (token id = byte value), with AdamW and a linear warmup/decay
+``LambdaLR``. Without ``--guard`` the controller still runs, in monitor mode (``guard_enabled=False``), so
+telemetry and ``summary.json`` are written either way and a corrupted run is reported as FAULTED.
+
+Exit status: 0 when the run ends healthy (a guarded run that recovered included), 1 when it ends with a
+non-finite loss, :data:`~gradience.errors.EXIT_GUARD_HALTED` (3) when the guard stopped training.
+Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank trains a DDP replica on its own sample of the text and
+rank 0 prints the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradience.config import GradienceConfig
+from gradience.controller import GradienceController
+from gradience.errors import EXIT_GUARD_HALTED, ConfigError
+
+INJECT_PARAM = "transformer.h.0.attn.c_attn.weight"
+SEQ_LEN = 64
+# Named files rather than a directory listing: the same text (and so the same losses) on every
+# machine with the same Python; the glob below is only a fallback for trimmed-down installs.
+CORPUS_FILES = ("textwrap.py", "functools.py", "argparse.py", "dataclasses.py", "json/decoder.py", "string.py")
+EXIT_OK, EXIT_CORRUPTED = 0, 1
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The demo's command line (shared with ``gradience demo``)."""
+    p = argparse.ArgumentParser(
+        prog=prog or "python -m gradience.demo",
+        description="Train a tiny GPT-2 on CPU or GPU, optionally inject a fault, and report what the guard did.",
+    )
+    p.add_argument("--guard", action="store_true", help="let Gradience act (skip, snapshot, roll back, halt); "
+                   "without it the controller only monitors")
+    p.add_argument("--inject-nan", action="store_true",
+                   help=f"set {INJECT_PARAM}[0] to NaN right after the optimizer update at --inject-step")
+    p.add_argument("--inject-grad-nan", action="store_true",
+                   help=f"set the gradient of {INJECT_PARAM}[0] to NaN before the update at --inject-step")
+    p.add_argument("--inject-step", type=int, default=50, help="step of the injected fault (default: 50)")
+    p.add_argument("--inject-rank", type=int, default=0, help="rank that injects, under torchrun (default: 0)")
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps (default: 150)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences of %d bytes per step and rank "
+                   "(default: 8)" % SEQ_LEN)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 3e-3)")
+    p.add_argument("--seed", type=int, default=0, help="model init and batch sampling seed (default: 0)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--out-dir", default=None,
+                   help="telemetry, summary and snapshots (default: the config's out_dir, else ./gradience_logs)")
+    p.add_argument("--snapshot-interval", type=int, default=None,
+                   help="guard_snapshot_interval (default: 20, or the config's value with --config)")
+    p.add_argument("--config", default=None, help="gradience YAML config; the flags above override it (--guard always decides guard_enabled)")
+    return p
+
+
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
+    """Run the demo; returns the process exit status."""
+    args = build_parser(prog).parse_args(argv)
+    if args.steps < 1:
+        print("error: --steps must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        config = _config(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:  # pragma: no cover - depends on the install
+        print("error: the demo needs transformers: pip install 'gradience[hf]'", file=sys.stderr)
+        return 2
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = _device(args.device, local_rank if world_size > 1 else None)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=config.collective_timeout_s))
+    try:
+        return _run(args, config, rank, world_size, device, GPT2Config, GPT2LMHeadModel)
+    finally:
+        if world_size > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, config: GradienceConfig, rank: int, world_size: int, device: torch.device,
+         gpt2_config: Any, gpt2_model: Any) -> int:
+    say = _printer(rank == 0)
+    text = load_corpus()
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    # Dropout off: with a fixed seed the losses, and so the report, are reproducible run to run.
+    model = gpt2_model(gpt2_config(vocab_size=256, n_positions=SEQ_LEN, n_embd=64, n_layer=2, n_head=2,
+                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).to(device)
+    module = model
+    if world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=args.lr, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_decay(args.steps))
+    controller = GradienceController(config)
+    # The unwrapped module: snapshots and telemetry then name parameters as the model does, without "module.".
+    controller.initialize(module, optimizer=optimizer, scheduler=scheduler)
+
+    n_params = sum(p.numel() for p in module.parameters())
+    inject = "weight NaN" if args.inject_nan else "gradient NaN" if args.inject_grad_nan else None
+    say("=" * 64)
+    say("Gradience demo: tiny GPT-2 on Python stdlib bytes")
+    say(f"  Model:       GPT-2, {n_params / 1e3:.1f}K parameters (2 layers, 64 dim, 256-byte vocab)")
+    say(f"  Data:        {len(text) / 1e3:.0f} KB of text, batch {args.batch_size} x {SEQ_LEN} per rank")
+    say(f"  Steps:       {args.steps}, AdamW lr {args.lr:g}, linear warmup/decay")
+    say(f"  Device:      {device}  World size: {world_size}")
+    say(f"  Guard:       {'ON' if config.guard_enabled else 'OFF (monitor only)'}, "
+        f"snapshot every {config.guard_snapshot_interval} steps")
+    if inject:
+        say(f"  Injection:   {inject} into {INJECT_PARAM} at step {args.inject_step} (rank {args.inject_rank})")
+    say(f"  Output:      {config.out_dir}")
+    say("=" * 64)
+
+    gen = torch.Generator()
+    params = list(module.parameters())
+    named = dict(module.named_parameters())
+    loss_value = float("nan")
+    stopped = False
+    t0 = time.perf_counter()
+    bar = _progress(range(args.steps), enabled=rank == 0)
+    for step in bar:
+        injecting = inject is not None and step == args.inject_step and rank == args.inject_rank
+        optimizer.zero_grad(set_to_none=True)
+        # Per-step seeding: the batch of a step does not depend on what happened before (e.g. a rollback).
+        gen.manual_seed(args.seed * 1_000_003 + rank * 7_919 + step)
+        ids = sample_batch(text, args.batch_size, gen).to(device)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if injecting and args.inject_grad_nan:
+            with torch.no_grad():
+                named[INJECT_PARAM].grad.view(-1)[0] = float("nan")
+            _announce(bar, f"[inject] NaN gradient on {INJECT_PARAM} at step {step} (rank {rank})")
+        # The gate drops the gradients of a rejected update, so the unconditional step below is a no-op then.
+        controller.before_optimizer_step(module, optimizer)
+        optimizer.step()
+        scheduler.step()
+        if injecting and args.inject_nan:
+            with torch.no_grad():
+                named[INJECT_PARAM].view(-1)[0] = float("nan")
+            _announce(bar, f"[inject] Injected NaN into {INJECT_PARAM} at step {step} (rank {rank})")
+        loss_value = loss.item()
+        if hasattr(bar, "set_postfix") and step % 10 == 0:
+            bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
+        if not controller.step(step, loss.detach(), module):
+            stopped = True
+            break
+    if hasattr(bar, "close"):
+        bar.close()
+    summary = controller.finalize()
+    duration = time.perf_counter() - t0
+    final_loss = _mean_over_ranks(loss_value, world_size, device)
+
+    if controller.halted:
+        code = EXIT_GUARD_HALTED
+    elif not math.isfinite(final_loss):
+        code = EXIT_CORRUPTED
+    else:
+        code = EXIT_OK
+    guard = summary["guard"]
+    say("")
+    say("=" * 64)
+    say("Results")
+    say(f"  Duration: {duration:.1f}s")
+    say(f"  Success: {code == EXIT_OK}")
+    if math.isfinite(final_loss):
+        say(f"  Final loss: {final_loss:.4f}")
+    else:
+        say(f"  Final loss: {final_loss} -- model CORRUPTED")
+    say(f"  Steps run: {summary['total_steps']} of {args.steps}" + (" (stopped by the guard)" if stopped else ""))
+    say("Gradience")
+    say(f"  Guard: {'enabled' if guard['enabled'] else 'disabled (monitor only)'}")
+    say(f"  Integrity: {guard['integrity_status']}")
+    say(f"  Rollbacks: {guard['total_rollbacks']}")
+    say(f"  Skipped steps: {guard['total_skipped_steps']}")
+    if rank == 0:
+        recoveries = _recoveries(controller.telemetry.path)
+        say(f"  Recoveries: {'; '.join(recoveries) if recoveries else 'none'}")
+    if guard["first_fault_step"] is not None:
+        say(f"  First fault: step {guard['first_fault_step']} on rank(s) {guard['first_fault_ranks']}")
+    if guard["halt_reason"]:
+        say(f"  Halted: {guard['halt_reason']} (exit status {EXIT_GUARD_HALTED})")
+    say(f"  LR scale: {guard['lr_scale']:g}")
+    say(f"  Telemetry: {Path(config.out_dir) / 'telemetry.jsonl'}  Summary: {Path(config.out_dir) / 'summary.json'}")
+    say("=" * 64)
+    return code
+
+
+def _config(args: argparse.Namespace) -> GradienceConfig:
+    base = GradienceConfig.from_yaml(args.config) if args.config else GradienceConfig()
+    changes: dict[str, Any] = {"guard_enabled": bool(args.guard)}
+    if args.out_dir is not None:
+        changes["out_dir"] = args.out_dir
+    elif not args.config:
+        changes["out_dir"] = "./gradience_logs"
+    if args.snapshot_interval is not None:
+        changes["guard_snapshot_interval"] = args.snapshot_interval
+    elif not args.config:
+        # The library default (100) would leave only the initial snapshot in a 150-step demo.
+        changes["guard_snapshot_interval"] = 20
+    return base.replace(**changes)
+
+
+def _device(requested: str | None, local_rank: int | None) -> torch.device:
+    name = requested or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and local_rank is not None and device.index is None:
+        # One GPU per torchrun rank.
+        device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def load_corpus() -> torch.Tensor:
+    """Bytes of a fixed handful of standard-library sources, as token ids 0..255 (1-D long tensor)."""
+    root = Path(os.path.dirname(os.__file__))
+    files = [root / f for f in CORPUS_FILES if (root / f).is_file()]
+    if not files:
+        files = sorted(root.glob("*.py"))[:6]
+    data = b"".join(f.read_bytes() for f in files)
+    if len(data) <= SEQ_LEN + 1:
+        raise RuntimeError(f"not enough standard-library text under {root} for the demo")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+
+
+def sample_batch(text: torch.Tensor, batch_size: int, gen: torch.Generator) -> torch.Tensor:
+    """``batch_size`` random windows of SEQ_LEN tokens."""
+    starts = torch.randint(0, len(text) - SEQ_LEN, (batch_size,), generator=gen)
+    return torch.stack([text[s : s + SEQ_LEN] for s in starts.tolist()])
+
+
+def warmup_decay(total: int, warmup_frac: float = 0.1, floor: float = 0.1) -> Callable[[int], float]:
+    """LambdaLR factor: linear warmup over ``warmup_frac`` of the steps, then linear decay to ``floor``."""
+    warmup = max(1, int(total * warmup_frac))
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(floor, 1.0 - (1.0 - floor) * (step - warmup) / max(1, total - warmup))
+
+    return f
+
+
+def _mean_over_ranks(value: float, world_size: int, device: torch.device) -> float:
+    if world_size == 1:
+        return value
+    import torch.distributed as dist
+
+    # Every rank must reach the same verdict (and exit status); a NaN on any rank makes the mean NaN.
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / world_size
+
+
+def _recoveries(telemetry_path: Path) -> list[str]:
+    out = []
+    try:
+        lines = telemetry_path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        ev = json.loads(line)
+        if ev["event"] == "rollback_success":
+            out.append(f"step {ev['step']} {ev['reason']} -> rolled back to step {ev['to_step']}, "
+                       f"lr x{ev['lr_scale']:g}")
+        elif ev["event"] == "skip_step":
+            out.append(f"step {ev['step']} {ev['reason']} -> update skipped")
+    return out
+
+
+def _printer(enabled: bool) -> Callable[[str], None]:
+    def say(msg: str) -> None:
+        if enabled:
+            print(msg, flush=True)
+
+    return say
+
+
+def _progress(steps: range, *, enabled: bool) -> Iterable[int]:
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm comes with the hf extra; the demo runs without a bar
+        return steps
+    # disable=None: tqdm switches itself off when stderr is not a terminal (logs, CI, tests).
+    return tqdm(steps, desc="training", unit="step", disable=None if enabled else True, dynamic_ncols=True)
+
+
+def _announce(bar: Any, msg: str) -> None:
+    # The injecting rank may not be rank 0, so it prints its own line; tqdm.write keeps the bar intact.
+    if hasattr(bar, "write"):
+        bar.write(msg)
+        sys.stdout.flush()
+    else:
+        print(msg, flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
