@@ -121,6 +121,8 @@ class GradienceConfig:
             data = {}
         if isinstance(data, dict) and set(data) == {"gradience"}:
             data = data["gradience"] or {}
+        if isinstance(data, dict):
+            data = {k: _yaml_float(v) if _FIELD_TYPES.get(k) == "float" else v for k, v in data.items()}
         return cls.from_dict(data, source=str(path))
 
     def replace(self, **changes: Any) -> GradienceConfig:
@@ -130,6 +132,19 @@ class GradienceConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain mapping of every field."""
         return dataclasses.asdict(self)
+
+
+_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(GradienceConfig)}
+
+
+def _yaml_float(value: Any) -> Any:
+    # YAML 1.1 reads "1e6" (no dot, no sign) as a string; accept it as the number users meant.
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _check_type(name: str, value: Any, annotation: str) -> None:

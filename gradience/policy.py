@@ -38,7 +38,10 @@ def _healthy(state: GuardState, verdict: Verdict, config: GradienceConfig) -> tu
         if state.consecutive_skips:
             state = dataclasses.replace(state, consecutive_skips=0)
         return state, Decision(action=Action.CONTINUE, lr_scale=state.lr_scale)
-    due = config.guard_enabled and verdict.step % config.guard_snapshot_interval == 0
+    # A step whose update was skipped is not evidence of health: snapshotting it would close a rollback
+    # episode and refill the budget while the fault persists.
+    due = (config.guard_enabled and not verdict.update_skipped
+           and verdict.step % config.guard_snapshot_interval == 0)
     action = Action.SNAPSHOT if due else Action.CONTINUE
     return state, Decision(action=action, lr_scale=state.lr_scale)
 

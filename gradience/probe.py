@@ -26,7 +26,7 @@ def max_abs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         by_device.setdefault(t.device, []).append(t)
     first = tensors[0].device
     parts = []
-    for device, group in by_device.items():
+    for group in by_device.values():
         norms = torch._foreach_norm(group, math.inf)
         parts.append(torch.stack([n.float() for n in norms]).max().to(first))
     # max() propagates NaN, which is exactly the signal we want to keep.

@@ -97,7 +97,7 @@ def test_same_decision_on_every_rank(request, tmp_path, world, bad_rank, kind, e
     lrs = {out["optimizer"].param_groups[0]["lr"] for _, out in results}
     assert len(lrs) == 1
     for m in models[1:]:  # replicas end bitwise identical
-        assert all(torch.equal(a, b) for a, b in zip(models[0].parameters(), m.parameters()))
+        assert all(torch.equal(a, b) for a, b in zip(models[0].parameters(), m.parameters(), strict=True))
     summary = results[0][0].summary()
     assert summary["world_size"] == world
     assert summary["guard"]["first_fault_ranks"] == [bad_rank]
@@ -172,7 +172,7 @@ def test_corrupt_shard_is_rejected_and_everyone_falls_back(groups2, tmp_path):
         failed = events(tmp_path, "rollback_failed", rank=r)
         assert [(e["to_step"], e["local_ok"]) for e in failed] == [(15, r != 1)]
         assert [e["to_step"] for e in events(tmp_path, "rollback_success", rank=r)] == [10]
-    assert all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True))
 
 
 def test_replica_divergence_is_detected_and_repaired(groups2, tmp_path):
@@ -198,7 +198,7 @@ def test_replica_divergence_is_detected_and_repaired(groups2, tmp_path):
     for r in range(2):
         rb = events(out_dir, "rollback_success", rank=r)
         assert [(e["step"], e["to_step"], e["reason"]) for e in rb] == [(12, 10, "REPLICA_DIVERGENCE")]
-    assert all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True))
 
 
 def test_missing_peer_raises_consensus_timeout_instead_of_hanging(tmp_path):
