@@ -6,6 +6,7 @@ out the Decision (skip, snapshot, rollback with LR backoff, halt), reporting eac
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,8 @@ class GradienceController:
             return
         self.store = SnapshotStore(out / "snapshots", self.comm, tier=self.config.guard_snapshot_tier)
         self._collective(self.store.reset)
+        # reset() removed every earlier snapshot: a restored GuardState must not name them as targets.
+        self.state = dataclasses.replace(self.state, committed=(), target_failures=(), episode_target=None)
         if not self._collective(self._snapshot, start_step):
             raise SnapshotError(f"could not commit the initial snapshot under {out / 'snapshots'}")
 

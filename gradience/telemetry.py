@@ -28,7 +28,7 @@ def redact(value: Any, max_chars: int) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         # JSON has no NaN/Infinity; strict parsers reject Python's spelling of them.
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if hasattr(value, "value") and isinstance(getattr(value, "value"), str):  # str enums
+    if hasattr(value, "value") and isinstance(value.value, str):  # str enums
         return value.value
     return value
 
