@@ -22,7 +22,7 @@ from gradience.lr import current_lr, scale_lr
 from gradience.probe import bad_parameters, probe_grads, probe_step
 from gradience.snapshot import SnapshotStore, agree_all, capture_state, restore_state
 from gradience.telemetry import Telemetry
-from gradience.types import Action, Decision, GuardState, Phase, ProbeReport, Verdict
+from gradience.types import Action, Decision, GuardState, Phase, ProbeReport, Reason, Verdict
 
 STATE_VERSION = 1
 
@@ -62,6 +62,7 @@ class GradienceController:
         self.last_loss: float | None = None
         self._skipped_this_step = False
         self._aborted: str | None = None
+        self._monitored_reason: Reason | None = None
 
     # ------------------------------------------------------------------------------------------ set-up
     def initialize(
@@ -165,8 +166,11 @@ class GradienceController:
         self.last_loss = report.loss
         verdict = self._agree(report)
         self.state, decision = policy.decide(self.state, verdict, self.config)
-        if decision.reason is not None and not self.config.guard_enabled:
-            self.telemetry.emit("fault", step=step, reason=decision.reason, faulty_ranks=verdict.faulty_ranks)
+        if not self.config.guard_enabled and decision.reason is not self._monitored_reason:
+            # Monitor mode: a corrupted run stays faulty every step; report when the condition changes.
+            self._monitored_reason = decision.reason
+            if decision.reason is not None:
+                self.telemetry.emit("fault", step=step, reason=decision.reason, faulty_ranks=verdict.faulty_ranks)
         self._act(step, verdict, decision)
         if step % self.config.telemetry_interval == 0:
             self.telemetry.emit("telemetry", step=step, train_loss=self.last_loss, lr=self._lr(),
@@ -254,14 +258,16 @@ class GradienceController:
         if self._save_fn is not None:
             ok = self.store.save(step, meta=meta, save_fn=self._save_fn)
         else:
-            tensors, extra = capture_state(self.model, self.optimizer,
-                                           copy=self.config.guard_snapshot_tier == "memory")
-            ok = self.store.save(step, tensors=tensors, meta={**meta, **extra})
+            copy = self.config.guard_snapshot_tier == "memory"
+            ok = self.store.save(step, meta=meta, capture=lambda: capture_state(self.model, self.optimizer,
+                                                                                 copy=copy))
         if ok:
             self.state = policy.on_snapshot_committed(self.state, step, self.config)
             self.store.prune(self.state.committed)
+        error = self.store.last_error
         self.telemetry.emit("snapshot", step=step, committed=ok, tier=self.config.guard_snapshot_tier,
-                            path=str(self.store.step_dir(step)) if ok else None)
+                            path=str(self.store.step_dir(step)) if ok else None,
+                            local_error=f"{type(error).__name__}: {error}" if error else None)
         return ok
 
     def _rollback(self, step: int, verdict: Verdict, decision: Decision) -> None:
@@ -271,7 +277,7 @@ class GradienceController:
             target = decision.target_step
             prepared = self.store.prepare(target)
             if self._collective(agree_all, self.comm, prepared is not None):
-                self._restore(prepared)
+                self._restore_everywhere(step, prepared)
                 self.telemetry.emit(
                     "rollback_success", step=step, to_step=target, reason=first_reason, lr=self._lr(),
                     lr_scale=self.state.lr_scale, faulty_ranks=verdict.faulty_ranks,
@@ -283,6 +289,20 @@ class GradienceController:
             self.store.prune(self.state.committed)
         self.telemetry.emit("abort", step=step, reason=decision.reason, faulty_ranks=verdict.faulty_ranks,
                             total_rollbacks=self.state.total_rollbacks)
+
+    def _restore_everywhere(self, step: int, prepared: Any) -> None:
+        """Restore on this rank, then agree that every rank managed; a failure anywhere stops every rank."""
+        error = None
+        try:
+            self._restore(prepared)
+        except Exception as e:  # the model may be half-restored: no rank may train on
+            error = e
+        if not self._collective(agree_all, self.comm, error is None):
+            where = f"on this rank: {type(error).__name__}: {error}" if error else "on another rank"
+            self.state = dataclasses.replace(self.state, halted=True, halt_reason=Reason.NO_GOOD_SNAPSHOT)
+            self.telemetry.emit("abort", step=step, reason="RESTORE_FAILED", error=where)
+            self.telemetry.write_summary(self.summary())
+            raise SnapshotError(f"restoring snapshot {prepared.step} failed {where}") from error
 
     def _restore(self, prepared: Any) -> None:
         factor = self.config.guard_lr_backoff

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -64,8 +65,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--inject-step", type=int, default=50, help="step of the injected fault (default: 50)")
     p.add_argument("--inject-rank", type=int, default=0, help="rank that injects, under torchrun (default: 0)")
     p.add_argument("--steps", type=int, default=150, help="optimizer steps (default: 150)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences of %d bytes per step and rank "
-                   "(default: 8)" % SEQ_LEN)
+    p.add_argument("--batch-size", type=int, default=8,
+                   help=f"sequences of {SEQ_LEN} bytes per step and rank (default: 8)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 3e-3)")
     p.add_argument("--seed", type=int, default=0, help="model init and batch sampling seed (default: 0)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -73,7 +74,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="telemetry, summary and snapshots (default: the config's out_dir, else ./gradience_logs)")
     p.add_argument("--snapshot-interval", type=int, default=None,
                    help="guard_snapshot_interval (default: 20, or the config's value with --config)")
-    p.add_argument("--config", default=None, help="gradience YAML config; the flags above override it (--guard always decides guard_enabled)")
+    p.add_argument("--config", default=None,
+                   help="gradience YAML config; the flags above override it (--guard always decides guard_enabled)")
     return p
 
 
@@ -88,9 +90,7 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    try:
-        from transformers import GPT2Config, GPT2LMHeadModel
-    except ImportError:  # pragma: no cover - depends on the install
+    if importlib.util.find_spec("transformers") is None:  # pragma: no cover - depends on the install
         print("error: the demo needs transformers: pip install 'gradience[hf]'", file=sys.stderr)
         return 2
 
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=config.collective_timeout_s))
     try:
-        return _run(args, config, rank, world_size, device, GPT2Config, GPT2LMHeadModel)
+        return _run(args, config, rank, world_size, device)
     finally:
         if world_size > 1:
             import torch.distributed as dist
@@ -112,14 +112,20 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
             dist.destroy_process_group()
 
 
-def _run(args: argparse.Namespace, config: GradienceConfig, rank: int, world_size: int, device: torch.device,
-         gpt2_config: Any, gpt2_model: Any) -> int:
+def _run(args: argparse.Namespace, config: GradienceConfig, rank: int, world_size: int, device: torch.device) -> int:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
     say = _printer(rank == 0)
     text = load_corpus()
     torch.manual_seed(args.seed)  # identical initial weights on every rank
-    # Dropout off: with a fixed seed the losses, and so the report, are reproducible run to run.
-    model = gpt2_model(gpt2_config(vocab_size=256, n_positions=SEQ_LEN, n_embd=64, n_layer=2, n_head=2,
-                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).to(device)
+    # Dropout off: with a fixed seed the losses, and so the report, are reproducible run to run. GPT-2's
+    # bos/eos ids (50256) lie outside a byte vocabulary. transformers infers the loss from the class name
+    # and warns on every forward when "GPT2LMHeadModel" matches none; name it.
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=SEQ_LEN, n_embd=64, n_layer=2, n_head=2,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                       bos_token_id=None, eos_token_id=None))
+    model.loss_type = "ForCausalLM"
+    model = model.to(device)
     module = model
     if world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -132,7 +138,7 @@ def _run(args: argparse.Namespace, config: GradienceConfig, rank: int, world_siz
     controller.initialize(module, optimizer=optimizer, scheduler=scheduler)
 
     n_params = sum(p.numel() for p in module.parameters())
-    inject = "weight NaN" if args.inject_nan else "gradient NaN" if args.inject_grad_nan else None
+    inject = " and ".join(k for k, on in (("weight NaN", args.inject_nan), ("gradient NaN", args.inject_grad_nan)) if on)
     say("=" * 64)
     say("Gradience demo: tiny GPT-2 on Python stdlib bytes")
     say(f"  Model:       GPT-2, {n_params / 1e3:.1f}K parameters (2 layers, 64 dim, 256-byte vocab)")
@@ -154,7 +160,7 @@ def _run(args: argparse.Namespace, config: GradienceConfig, rank: int, world_siz
     t0 = time.perf_counter()
     bar = _progress(range(args.steps), enabled=rank == 0)
     for step in bar:
-        injecting = inject is not None and step == args.inject_step and rank == args.inject_rank
+        injecting = bool(inject) and step == args.inject_step and rank == args.inject_rank
         optimizer.zero_grad(set_to_none=True)
         # Per-step seeding: the batch of a step does not depend on what happened before (e.g. a rollback).
         gen.manual_seed(args.seed * 1_000_003 + rank * 7_919 + step)
@@ -198,10 +204,14 @@ def _run(args: argparse.Namespace, config: GradienceConfig, rank: int, world_siz
     say("Results")
     say(f"  Duration: {duration:.1f}s")
     say(f"  Success: {code == EXIT_OK}")
-    if math.isfinite(final_loss):
-        say(f"  Final loss: {final_loss:.4f}")
+    over = f" (mean over {world_size} ranks)" if world_size > 1 else ""
+    if controller.halted:
+        # The loss of the faulty step was computed before the fault; the weights were not restored.
+        say(f"  Final loss: {final_loss:.4f}{over} (before the fault; training stopped, weights not restored)")
+    elif math.isfinite(final_loss):
+        say(f"  Final loss: {final_loss:.4f}{over}")
     else:
-        say(f"  Final loss: {final_loss} -- model CORRUPTED")
+        say(f"  Final loss: {final_loss}{over} -- model CORRUPTED")
     say(f"  Steps run: {summary['total_steps']} of {args.steps}" + (" (stopped by the guard)" if stopped else ""))
     say("Gradience")
     say(f"  Guard: {'enabled' if guard['enabled'] else 'disabled (monitor only)'}")
@@ -284,7 +294,18 @@ def _mean_over_ranks(value: float, world_size: int, device: torch.device) -> flo
 
     # Every rank must reach the same verdict (and exit status); a NaN on any rank makes the mean NaN.
     t = torch.tensor([value], dtype=torch.float64, device=device)
+    idle = sys.getrefcount(t)
     dist.all_reduce(t)
+    # This is the run's last collective. A gloo worker thread drops its reference to ``t`` only after wait()
+    # has returned, and that takes the GIL; if the interpreter is already finalizing by then, the worker is
+    # killed inside a C++ destructor and the process aborts ("terminate called without an active
+    # exception", SIGABRT, about 1 torchrun run in 10 here; see pytorch/pytorch#190489; CPython 3.14 parks
+    # such threads instead). While the worker holds ``t`` its refcount is raised: sleep, GIL released.
+    # A barrier does not help: its work holds the previous works, so they are freed later, on a worker.
+    # Only measured with gloo (CPU); NCCL's watchdog thread keeps works by its own rules.
+    deadline = time.monotonic() + (5.0 if device.type == "cpu" else 0.0)
+    while sys.getrefcount(t) > idle and time.monotonic() < deadline:
+        time.sleep(0.001)
     return float(t.item()) / world_size
 
 

@@ -140,6 +140,8 @@ class SnapshotStore:
         self._memory: dict[int, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
         # step -> sha256 of every rank's shard, known to every rank after the commit all-reduce.
         self._digests: dict[int, list[str]] = {}
+        #: This rank's exception from the last failed :meth:`save`, None after a success.
+        self.last_error: Exception | None = None
 
     # ---- paths
     def step_dir(self, step: int) -> Path:
@@ -164,18 +166,25 @@ class SnapshotStore:
         tensors: dict[str, torch.Tensor] | None = None,
         meta: dict[str, Any] | None = None,
         save_fn: Callable[[str], None] | None = None,
+        capture: Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None,
     ) -> bool:
         """*Collective.* Write this rank's shard and commit the snapshot if every rank succeeded.
 
-        Returns True when committed. On failure nothing is committed, this rank's shard is removed and
-        earlier snapshots stay the rollback targets.
+        The shard is ``tensors``, or what ``capture()`` returns (tensors, extra metadata) — called inside the
+        failure handling, so a rank whose capture raises still joins the agreement — or what ``save_fn(path)``
+        writes. Returns True when committed. On failure nothing is committed, this rank's shard is removed,
+        earlier snapshots stay the rollback targets and ``last_error`` holds this rank's exception, if any.
         """
         meta = dict(meta or {})
         digest, error = "", None
         try:
+            if capture is not None:
+                tensors, extra = capture()
+                meta.update(extra)
             digest = self._write_shard(step, tensors, meta, save_fn)
         except Exception as e:  # an IO error on one rank must become a flag, never a skipped collective
             error = e
+        self.last_error = error
         digests = _exchange_digests(self.comm, digest, ok=error is None)
         if digests is None:
             self._discard(step)
@@ -185,7 +194,7 @@ class SnapshotStore:
             try:
                 self._write_marker(step, digests, meta)
             except Exception as e:
-                error, committed = e, False
+                self.last_error, committed = e, False
         if not agree_all(self.comm, committed):
             self._discard(step)
             return False

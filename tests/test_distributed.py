@@ -225,3 +225,51 @@ def test_missing_peer_raises_consensus_timeout_instead_of_hanging(tmp_path):
         assert summary["guard"]["integrity_status"] == "ABORTED"
     finally:
         free_groups(groups)
+
+
+def test_capture_error_on_one_rank_commits_nothing_and_nobody_hangs(groups2, tmp_path):
+    models = [make_mlp(0) for _ in groups2]
+
+    def rank_fn(rank, group):
+        ctl = GradienceController(out_dir=str(tmp_path), comm=TorchComm(group, timeout_s=30),
+                                  guard_snapshot_interval=5)
+        if rank == 0:
+            real = models[0].state_dict
+
+            def state_dict(*a, **k):  # fails only while the step-10 snapshot is captured
+                if ctl.last_step == 10:
+                    raise RuntimeError("device lost while copying")
+                return real(*a, **k)
+
+            models[0].state_dict = state_dict
+        return run_loop(models[rank], mlp_loss, ctl, steps=14)
+
+    run_ranks(groups2, rank_fn)
+    for r in range(2):
+        snaps = {e["step"]: e for e in events(tmp_path, "snapshot", rank=r)}
+        assert snaps[5]["committed"] and not snaps[10]["committed"]
+        assert ("device lost" in (snaps[10]["local_error"] or "")) == (r == 0)
+    assert not (tmp_path / "snapshots" / "step_00000010").exists()
+
+
+def test_restore_error_on_one_rank_stops_every_rank(groups2, tmp_path):
+    from gradience import SnapshotError
+
+    models = [make_mlp(0) for _ in groups2]
+
+    def rank_fn(rank, group):
+        ctl = GradienceController(out_dir=str(tmp_path), comm=TorchComm(group, timeout_s=30),
+                                  guard_snapshot_interval=5)
+        if rank == 1:
+            def broken(prepared):
+                raise RuntimeError("size mismatch for 0.weight")
+            ctl._restore = broken
+        inject = poison("0.weight")
+        with pytest.raises(SnapshotError, match="on this rank" if rank == 1 else "on another rank"):
+            run_loop(models[rank], mlp_loss, ctl, steps=20, on_update=lambda s, m: inject(m) if s == 7 else None)
+        return ctl
+
+    ctls = run_ranks(groups2, rank_fn)
+    assert all(c.halted and c.exit_code == 3 for c in ctls)
+    abort = events(tmp_path, "abort", rank=1)
+    assert abort and abort[0]["reason"] == "RESTORE_FAILED" and "size mismatch" in abort[0]["error"]
