@@ -19,7 +19,7 @@ from gradience.config import GradienceConfig
 from gradience.consensus import agree
 from gradience.errors import EXIT_GUARD_HALTED, ConfigError, ConsensusTimeout, SnapshotError
 from gradience.lr import current_lr, scale_lr
-from gradience.probe import bad_parameters, probe_grads, probe_step
+from gradience.probe import bad_parameters, fingerprint_tensor, probe_grads, probe_step, weight_tensors
 from gradience.snapshot import SnapshotStore, agree_all, capture_state, restore_state
 from gradience.telemetry import Telemetry
 from gradience.types import Action, Decision, GuardState, Phase, ProbeReport, Reason, Verdict
@@ -227,6 +227,8 @@ class GradienceController:
                 "snapshots": list(s.committed),
             },
             "spectral": {"final_kappa": None, "final_risk_level": None},
+            # Identical on every replica of a healthy data-parallel run (compare the ranks' summary events).
+            "weights_fingerprint": self._weights_fingerprint(),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -335,6 +337,11 @@ class GradienceController:
             self.telemetry.emit("abort", step=self.last_step, reason="CONSENSUS_TIMEOUT", error=str(e))
             self.telemetry.write_summary(self.summary())
             raise
+
+    def _weights_fingerprint(self) -> str | None:
+        if self.model is None:
+            return None
+        return f"{int(fingerprint_tensor(weight_tensors(self.model))):013x}"
 
     def _lr(self) -> float | None:
         if self._get_lr is not None:

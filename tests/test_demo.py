@@ -102,8 +102,13 @@ def test_torchrun_two_ranks_both_roll_back(tmp_path: Path) -> None:
     r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Rollbacks: 1" in r.stdout and "World size: 2" in r.stdout
-    for rank in (0, 1):
-        (rb,) = events(tmp_path, "rollback_success", rank)
+    rollbacks = [events(tmp_path, "rollback_success", rank) for rank in (0, 1)]
+    for (rb,) in rollbacks:
         assert rb["step"] == 30 and rb["to_step"] == 20 and rb["faulty_ranks"] == [1]
-    assert events(tmp_path, "rollback_success", 1)[0]["local_bad_params"] == ["transformer.h.0.attn.c_attn.weight"]
-    assert json.loads((tmp_path / "summary.json").read_text())["world_size"] == 2
+    assert rollbacks[0][0]["lr"] == rollbacks[1][0]["lr"]  # the same backoff on both ranks
+    assert rollbacks[1][0]["local_bad_params"] == ["transformer.h.0.attn.c_attn.weight"]
+    assert rollbacks[0][0]["local_bad_params"] == []
+    ends = [events(tmp_path, "summary", rank)[0] for rank in (0, 1)]
+    assert ends[0]["weights_fingerprint"] == ends[1]["weights_fingerprint"] is not None  # bitwise-equal replicas
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["guard"]["first_fault_ranks"] == [1]
