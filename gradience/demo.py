@@ -112,20 +112,25 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
             dist.destroy_process_group()
 
 
-def _run(args: argparse.Namespace, config: GradienceConfig, rank: int, world_size: int, device: torch.device) -> int:
+def build_model(n_embd: int = 64, n_layer: int = 2, n_head: int = 2, seq_len: int = SEQ_LEN) -> torch.nn.Module:
+    """The demo's byte-level GPT-2, built from a config (no download), initialised from torch's global RNG."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    say = _printer(rank == 0)
-    text = load_corpus()
-    torch.manual_seed(args.seed)  # identical initial weights on every rank
     # Dropout off: with a fixed seed the losses, and so the report, are reproducible run to run. GPT-2's
     # bos/eos ids (50256) lie outside a byte vocabulary. transformers infers the loss from the class name
     # and warns on every forward when "GPT2LMHeadModel" matches none; name it.
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=SEQ_LEN, n_embd=64, n_layer=2, n_head=2,
-                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=seq_len, n_embd=n_embd, n_layer=n_layer,
+                                       n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                                        bos_token_id=None, eos_token_id=None))
     model.loss_type = "ForCausalLM"
-    model = model.to(device)
+    return model
+
+
+def _run(args: argparse.Namespace, config: GradienceConfig, rank: int, world_size: int, device: torch.device) -> int:
+    say = _printer(rank == 0)
+    text = load_corpus()
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    model = build_model().to(device)
     module = model
     if world_size > 1:
         from torch.nn.parallel import DistributedDataParallel

@@ -45,17 +45,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print a table of per-step times and ratios."""
     args = _parser().parse_args(argv)
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from gradience.demo import load_corpus
+    from gradience.demo import build_model, load_corpus
 
     device = torch.device(args.device)
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=256, n_positions=args.seq, n_embd=args.n_embd, n_layer=args.n_layer,
-                     n_head=args.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                     bos_token_id=None, eos_token_id=None)
-    model = GPT2LMHeadModel(cfg).to(device)
-    model.loss_type = "ForCausalLM"
+    model = build_model(args.n_embd, args.n_layer, args.n_head, args.seq).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     text = load_corpus()
     gen = torch.Generator().manual_seed(0)
