@@ -24,6 +24,7 @@ _FLAGS = (
     "violation_grads",
     "violation_weights",
     "update_skipped",
+    "scaler_overflow",
 )
 _MAGS = ("max_abs_grad", "max_abs_weight")
 _FP = len(_FLAGS) + len(_MAGS)

@@ -7,6 +7,7 @@ out the Decision (skip, snapshot, rollback with LR backoff, halt), reporting eac
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,13 @@ from gradience.config import GradienceConfig
 from gradience.consensus import agree
 from gradience.errors import EXIT_GUARD_HALTED, ConfigError, ConsensusTimeout, SnapshotError
 from gradience.lr import current_lr, scale_lr
-from gradience.probe import bad_parameters, fingerprint_tensor, probe_grads, probe_step, weight_tensors
+from gradience.probe import bad_parameters, fingerprint_tensor, parameters, probe_grads, probe_step
 from gradience.snapshot import SnapshotStore, agree_all, capture_state, restore_state
 from gradience.telemetry import Telemetry
 from gradience.types import Action, Decision, GuardState, Phase, ProbeReport, Reason, Verdict
 
 STATE_VERSION = 1
+logger = logging.getLogger(__name__)
 
 
 class GradienceController:
@@ -63,6 +65,8 @@ class GradienceController:
         self._skipped_this_step = False
         self._aborted: str | None = None
         self._monitored_reason: Reason | None = None
+        #: Updates the GradScaler skipped for overflow (not faults; see ``before_optimizer_step``).
+        self.scaler_skips = 0
 
     # ------------------------------------------------------------------------------------------ set-up
     def initialize(
@@ -94,6 +98,8 @@ class GradienceController:
             raise ConfigError("initialize: pass optimizer= (Gradience snapshots it) or save_fn and load_fn")
         if guard and get_lr is None and optimizer is None and self.config.guard_lr_backoff != 1.0:
             raise ConfigError("initialize: LR backoff needs optimizer= or get_lr and set_lr")
+        if scheduler is not None and optimizer is None:
+            raise ConfigError("initialize: scheduler= needs optimizer= (the LR backoff scales both)")
         if guard and save_fn is not None and self.config.guard_snapshot_tier == "memory":
             raise ConfigError("guard_snapshot_tier='memory' stores tensors; use optimizer= instead of save_fn")
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
@@ -116,12 +122,15 @@ class GradienceController:
     # ------------------------------------------------------------------------------------------ per step
     def before_optimizer_step(
         self, model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
-        *, step: int | None = None,
+        *, step: int | None = None, scaler: Any | None = None,
     ) -> bool:
         """Gradient gate, after backward (and clipping), before ``optimizer.step()`` (collective).
 
         Returns False when this update must not happen; the gradients are then dropped (``p.grad = None``)
         so even an unconditional ``optimizer.step()`` leaves parameters and optimizer state bitwise unchanged.
+        With a ``torch.amp.GradScaler`` pass ``scaler=``: the gradients are unscaled first (``unscale_``, as
+        for clipping) so thresholds apply to true values, and an overflow the scaler will skip anyway is not
+        counted as a fault (``scaler_skipped_steps`` in the summary).
         """
         self._require_initialized()
         if not (self.config.guard_enabled and self.config.guard_check_grads) or self.state.halted:
@@ -129,17 +138,27 @@ class GradienceController:
         step = self._next_step() if step is None else step
         optimizer = optimizer or self.optimizer
         params = _params_of(optimizer, model or self.model)
-        report = self._probe(Phase.GRADS, step, lambda: probe_grads(
-            params, step=step, threshold=self.config.guard_violation_threshold))
+
+        def probe() -> ProbeReport:
+            overflow = _unscale(scaler, optimizer)
+            report = probe_grads(params, step=step, threshold=self.config.guard_violation_threshold)
+            if overflow:  # inf/NaN explained by the loss scale: the scaler skips this step and lowers it
+                report = dataclasses.replace(report, nonfinite_grads=False, violation_grads=False,
+                                             scaler_overflow=True)
+            return report
+
+        report = self._probe(Phase.GRADS, step, probe)
         verdict = self._agree(report)
         self.state, decision = policy.decide(self.state, verdict, self.config)
-        if decision.action is Action.CONTINUE:
+        if decision.action is Action.CONTINUE and not verdict.scaler_overflow:
             return True
-        bad = self._bad_grads(report)  # before the grads are dropped
+        bad = self._bad_grads(report) if decision.reason is not None else []  # before the grads go
         for p in params:
             p.grad = None
         self._skipped_this_step = True
-        if decision.action is Action.SKIP_STEP:
+        if decision.action is Action.CONTINUE:
+            self.scaler_skips += 1
+        elif decision.action is Action.SKIP_STEP:
             self.telemetry.emit("skip_step", step=step, reason=decision.reason, faulty_ranks=verdict.faulty_ranks,
                                 max_abs_grad=verdict.max_abs_grad, local_bad_grads=bad)
         else:
@@ -220,6 +239,7 @@ class GradienceController:
                 "integrity_status": self.integrity_status(),
                 "total_rollbacks": s.total_rollbacks,
                 "total_skipped_steps": s.skipped_steps,
+                "scaler_skipped_steps": self.scaler_skips,
                 "halt_reason": (s.halt_reason.value if s.halt_reason else self._aborted),
                 "lr_scale": s.lr_scale,
                 "first_fault_step": s.first_fault_step,
@@ -267,6 +287,10 @@ class GradienceController:
             self.state = policy.on_snapshot_committed(self.state, step, self.config)
             self.store.prune(self.state.committed)
         error = self.store.last_error
+        if not ok:
+            logger.warning("Gradience: snapshot of step %d was not committed (%s); the rollback target stays at "
+                           "step %s", step, f"{type(error).__name__}: {error}" if error else "another rank failed",
+                           self.state.committed[-1] if self.state.committed else None)
         self.telemetry.emit("snapshot", step=step, committed=ok, tier=self.config.guard_snapshot_tier,
                             path=str(self.store.step_dir(step)) if ok else None,
                             local_error=f"{type(error).__name__}: {error}" if error else None)
@@ -308,15 +332,20 @@ class GradienceController:
 
     def _restore(self, prepared: Any) -> None:
         factor = self.config.guard_lr_backoff
+        optimizer = self.optimizer
+        # The LR in force now (schedule position x current scale); a restore must not rewind it.
+        lrs = [g["lr"] for g in optimizer.param_groups] if optimizer is not None else None
+        lr = self._get_lr() if optimizer is None and self._get_lr is not None else None
         if self._load_fn is not None:
-            lr = self._get_lr() if self._get_lr else None
             self._load_fn(str(prepared.path))
-            if self._set_lr is not None:
-                self._set_lr(lr * factor)
         else:
-            restore_state(prepared.tensors, prepared.meta, self.model, self.optimizer)
-        if self.optimizer is not None and self._set_lr is None:
-            scale_lr(self.optimizer, self.scheduler, factor)
+            restore_state(prepared.tensors, prepared.meta, self.model, optimizer)
+        if optimizer is not None:
+            for group, value in zip(optimizer.param_groups, lrs, strict=True):
+                group["lr"] = value
+            scale_lr(optimizer, self.scheduler, factor)
+        elif self._set_lr is not None:
+            self._set_lr(lr * factor)
 
     # ------------------------------------------------------------------------------------------ plumbing
     def _probe(self, phase: Phase, step: int, fn: Callable[[], ProbeReport]) -> ProbeReport:
@@ -341,7 +370,7 @@ class GradienceController:
     def _weights_fingerprint(self) -> str | None:
         if self.model is None:
             return None
-        return f"{int(fingerprint_tensor(weight_tensors(self.model))):013x}"
+        return f"{int(fingerprint_tensor(parameters(self.model))):013x}"
 
     def _lr(self) -> float | None:
         if self._get_lr is not None:
@@ -358,7 +387,7 @@ class GradienceController:
         return bad_parameters(named, threshold=self.config.guard_violation_threshold)
 
     def _bad_weights(self, verdict: Verdict) -> list[str]:
-        if self.comm.rank not in verdict.faulty_ranks:
+        if self.comm.rank not in verdict.faulty_ranks or self.model is None:
             return []
         return bad_parameters(self.model.named_parameters(), threshold=self.config.guard_violation_threshold)
 
@@ -374,3 +403,15 @@ def _params_of(optimizer: torch.optim.Optimizer | None, model: torch.nn.Module |
         return list(model.parameters())
     raise ValueError("before_optimizer_step needs a model or an optimizer")
 
+
+
+def _unscale(scaler: Any | None, optimizer: torch.optim.Optimizer | None) -> bool:
+    """Unscale the gradients once (as clipping would) and say whether the scaler found inf/NaN."""
+    if scaler is None or optimizer is None or not scaler.is_enabled():
+        return False
+    from torch.amp.grad_scaler import OptState
+
+    state = scaler._per_optimizer_states[id(optimizer)]
+    if state["stage"] is not OptState.UNSCALED:
+        scaler.unscale_(optimizer)
+    return bool(sum(v.item() for v in state["found_inf_per_device"].values()))

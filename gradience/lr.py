@@ -22,11 +22,16 @@ _GROUP_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
 def scale_lr(optimizer: torch.optim.Optimizer, scheduler: Any | None, factor: float) -> None:
     """Multiply the effective LR by ``factor`` now and for every later scheduler step."""
     for group in optimizer.param_groups:
+        scaled: set[int] = set()
         for key in _GROUP_KEYS:
-            if key in group and isinstance(group[key], (int, float)):
-                group[key] = group[key] * factor
-            elif key in group and isinstance(group[key], torch.Tensor):
-                group[key].mul_(factor)
+            value = group.get(key)
+            if isinstance(value, torch.Tensor):
+                # Tensor LRs (capturable/fused optimizers) are updated in place, once even if aliased.
+                if id(value) not in scaled:
+                    value.mul_(factor)
+                    scaled.add(id(value))
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                group[key] = value * factor
     if scheduler is not None:
         _scale_scheduler(scheduler, factor, seen=set())
 
@@ -38,13 +43,21 @@ def _scale_scheduler(scheduler: Any, factor: float, seen: set[int]) -> None:
     for attr in _SCHED_LIST_ATTRS:
         values = getattr(scheduler, attr, None)
         if isinstance(values, list):
-            setattr(scheduler, attr, [v * factor if isinstance(v, (int, float)) else v for v in values])
+            setattr(scheduler, attr, [_times(v, factor) for v in values])
     for attr in _SCHED_SCALAR_ATTRS:
         value = getattr(scheduler, attr, None)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             setattr(scheduler, attr, value * factor)
     for child in getattr(scheduler, "_schedulers", []) or []:
         _scale_scheduler(child, factor, seen)
+
+
+def _times(value: Any, factor: float) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value * factor  # a new tensor: the list may share it with a param group scaled in place
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value * factor
+    return value
 
 
 def current_lr(optimizer: torch.optim.Optimizer) -> float:

@@ -17,6 +17,7 @@ _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _FP_MOD = 1 << 52
 
 
+@torch.no_grad()
 def max_abs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Max |x| over all tensors as a 0-d float32 tensor (NaN if any element is NaN); no host sync."""
     if not tensors:
@@ -27,22 +28,49 @@ def max_abs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     first = tensors[0].device
     parts = []
     for group in by_device.values():
-        norms = torch._foreach_norm(group, math.inf)
-        parts.append(torch.stack([n.float() for n in norms]).max().to(first))
+        # dtype= makes the fused kernel emit float32 norms for every input dtype: no per-tensor casts.
+        norms = torch._foreach_norm(group, math.inf, dtype=torch.float32)
+        parts.append(torch.stack(norms).max().to(first))
     # max() propagates NaN, which is exactly the signal we want to keep.
     return torch.stack(parts).max() if len(parts) > 1 else parts[0]
 
 
-def weight_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
-    """Parameters and floating-point buffers (e.g. BatchNorm running stats) that can be corrupted."""
-    out = [p.detach() for p in model.parameters() if p.numel()]
-    out += [b for b in model.buffers() if b.is_floating_point() and b.numel()]
+def parameters(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Non-empty parameters (as the live tensors: probes run under no_grad and never write)."""
+    return [p for p in model.parameters() if p.numel()]
+
+
+def persistent_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Floating-point buffers that a snapshot saves (BatchNorm running stats, ...).
+
+    Non-persistent buffers (rotary caches, masks) are left out: a rollback could not restore them.
+    """
+    out = []
+    for module in model.modules():
+        skip = module._non_persistent_buffers_set
+        for name, b in module._buffers.items():
+            if b is not None and name not in skip and b.is_floating_point() and b.numel():
+                out.append(b)
     return out
 
 
+def weight_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Parameters and persistent floating-point buffers."""
+    return parameters(model) + persistent_buffers(model)
+
+
 def grad_tensors(params: Iterable[torch.nn.Parameter]) -> list[torch.Tensor]:
-    """Gradients that exist (dense ones; sparse gradients are densified views are skipped)."""
-    return [p.grad.detach() for p in params if p.grad is not None and not p.grad.is_sparse and p.grad.numel()]
+    """Gradients that exist; a sparse gradient contributes its stored values."""
+    out = []
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        if g.is_sparse:
+            g = g._values()
+        if g.numel():
+            out.append(g)
+    return out
 
 
 def probe_grads(params: Iterable[torch.nn.Parameter], *, step: int, threshold: float) -> ProbeReport:
@@ -68,17 +96,24 @@ def probe_step(
     with_fingerprint: bool = False,
 ) -> ProbeReport:
     """Check loss and weights after the optimizer step, with one host sync for both."""
-    weights = weight_tensors(model)
-    wmax = max_abs(weights) if weights else torch.zeros(())
+    params = parameters(model)
+    buffers = persistent_buffers(model)
+    device = params[0].device if params else torch.device("cpu")
+    # Parameters: NaN/Inf and magnitude. Buffers: NaN only (a -inf attention mask or a large running
+    # variance is legitimate).
+    wmax = max_abs(params).to(device) if params else torch.zeros((), device=device)
+    bmax = max_abs(buffers).to(device) if buffers else torch.zeros((), device=device)
     if isinstance(loss, torch.Tensor):
-        loss_t = loss.detach().float().reshape(-1)[:1].to(wmax.device).reshape(())
+        loss_t = loss.detach().float().reshape(-1)[:1].to(device).reshape(())
     else:
-        loss_t = torch.tensor(float(loss) if loss is not None else 0.0, device=wmax.device)
-    packed = [loss_t, wmax]
+        loss_t = torch.tensor(float(loss) if loss is not None else 0.0, device=device)
+    packed = [loss_t, wmax, bmax]
     if with_fingerprint:
-        packed.append(fingerprint_tensor(weights).to(wmax.device).double())
+        packed.append(fingerprint_tensor(params).to(device).double())
     host = torch.stack([t.double() for t in packed]).tolist()
     lossv, wv = abs(host[0]), host[1]
+    if math.isnan(host[2]):
+        wv = math.nan
     return ProbeReport(
         phase=Phase.STEP,
         step=step,
@@ -89,7 +124,7 @@ def probe_step(
         update_skipped=update_skipped,
         max_abs_weight=_finite_or_inf(wv),
         loss=host[0] if loss is not None else None,
-        fingerprint=float(int(host[2]) % _FP_MOD) if with_fingerprint else None,
+        fingerprint=float(int(host[3]) % _FP_MOD) if with_fingerprint else None,
     )
 
 
@@ -115,9 +150,12 @@ def bad_parameters(
     """Names of up to ``limit`` tensors holding NaN/Inf or values beyond ``threshold`` (slow; faults only)."""
     out = []
     for name, t in named:
-        if t is None or not t.is_floating_point() or not t.numel():
+        try:
+            if t is None or not t.is_floating_point() or not t.numel():
+                continue
+            m = float(max_abs([t._values() if t.is_sparse else t]))
+        except Exception:  # diagnostics must never break the step that reports them
             continue
-        m = float(t.detach().abs().max())
         if not math.isfinite(m) or m > threshold:
             out.append(name)
             if len(out) >= limit:

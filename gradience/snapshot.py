@@ -52,6 +52,7 @@ def capture_state(
     recorded as aliases, because safetensors refuses shared storage and a restore must keep the tie.
     """
     tensors: dict[str, torch.Tensor] = {}
+    sparse: dict[str, list[Any]] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
     skipped: list[str] = []
@@ -64,16 +65,29 @@ def capture_state(
             aliases[f"model.{name}"] = seen[key]
             continue
         seen[key] = f"model.{name}"
-        tensors[f"model.{name}"] = _to_cpu(t, copy)
+        _put(tensors, sparse, f"model.{name}", t, copy)
     scalars: dict[str, dict[str, Any]] = {}
+    sequences: dict[str, dict[str, Any]] = {}
     if optimizer is not None:
         for idx, st in optimizer.state_dict()["state"].items():
             for k, v in st.items():
+                name = f"optimizer.{idx}.{k}"
                 if isinstance(v, torch.Tensor):
-                    tensors[f"optimizer.{idx}.{k}"] = _to_cpu(v, copy)
+                    _put(tensors, sparse, name, v, copy)
+                elif isinstance(v, (list, tuple)):
+                    # e.g. LBFGS history: lists of tensors (and None); tensors go to the shard, the rest to JSON.
+                    items = []
+                    for i, item in enumerate(v):
+                        if isinstance(item, torch.Tensor):
+                            _put(tensors, sparse, f"{name}.{i}", item, copy)
+                            items.append({"tensor": f"{name}.{i}"})
+                        else:
+                            items.append({"value": item})
+                    sequences.setdefault(str(idx), {})[k] = {"tuple": isinstance(v, tuple), "items": items}
                 else:
                     scalars.setdefault(str(idx), {})[k] = v
-    meta = {"aliases": aliases, "optimizer_scalars": scalars, "skipped": skipped}
+    meta = {"aliases": aliases, "optimizer_scalars": scalars, "optimizer_sequences": sequences,
+            "sparse": sparse, "skipped": skipped}
     return tensors, meta
 
 
@@ -88,6 +102,7 @@ def restore_state(
     The optimizer's param_groups (LR, betas, ...) are kept as they are now: the schedule is not rewound,
     the caller applies the LR backoff on top.
     """
+    tensors = _rebuild_sparse(tensors, meta.get("sparse", {}))
     model_sd = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     for alias, canonical in meta.get("aliases", {}).items():
         model_sd[alias[len("model.") :]] = tensors[canonical]
@@ -98,15 +113,44 @@ def restore_state(
     if optimizer is None:
         return
     state: dict[int, dict[str, Any]] = {}
+    in_sequences = {item["tensor"] for per in meta.get("optimizer_sequences", {}).values()
+                    for seq in per.values() for item in seq["items"] if "tensor" in item}
     for k, v in tensors.items():
-        if k.startswith("optimizer."):
+        if k.startswith("optimizer.") and k not in in_sequences:
             _, idx, key = k.split(".", 2)
             state.setdefault(int(idx), {})[key] = v.clone()
     for idx, kv in meta.get("optimizer_scalars", {}).items():
         state.setdefault(int(idx), {}).update(kv)
+    for idx, per in meta.get("optimizer_sequences", {}).items():
+        for key, seq in per.items():
+            items = [tensors[it["tensor"]].clone() if "tensor" in it else it["value"] for it in seq["items"]]
+            state.setdefault(int(idx), {})[key] = tuple(items) if seq["tuple"] else items
     sd = optimizer.state_dict()
     sd["state"] = state
     optimizer.load_state_dict(sd)
+
+
+def _put(tensors: dict[str, torch.Tensor], sparse: dict[str, list[Any]], name: str, t: torch.Tensor,
+         copy: bool) -> None:
+    if t.is_sparse:
+        # safetensors stores dense arrays only: keep a COO tensor as its indices and values, uncoalesced as
+        # it is (coalescing would re-sum duplicates in another order: not bitwise the same state).
+        t = t.detach()
+        tensors[f"{name}.__indices"] = _to_cpu(t._indices(), copy)
+        tensors[f"{name}.__values"] = _to_cpu(t._values(), copy)
+        sparse[name] = [list(t.shape), t.is_coalesced()]
+    else:
+        tensors[name] = _to_cpu(t, copy)
+
+
+def _rebuild_sparse(tensors: dict[str, torch.Tensor], sparse: dict[str, list[Any]]) -> dict[str, torch.Tensor]:
+    if not sparse:
+        return tensors
+    out = {k: v for k, v in tensors.items() if not k.endswith((".__indices", ".__values"))}
+    for name, (shape, coalesced) in sparse.items():
+        out[name] = torch.sparse_coo_tensor(tensors[f"{name}.__indices"], tensors[f"{name}.__values"], shape,
+                                            is_coalesced=coalesced, check_invariants=False)
+    return out
 
 
 def _to_cpu(t: torch.Tensor, copy: bool) -> torch.Tensor:

@@ -62,6 +62,8 @@ class ProbeReport:
     violation_grads: bool = False
     violation_weights: bool = False
     update_skipped: bool = False
+    #: A GradScaler found inf/NaN: the scaler skips this update by design (not a fault).
+    scaler_overflow: bool = False
     max_abs_grad: float = 0.0
     max_abs_weight: float = 0.0
     #: This rank's loss as reported by the loop (None if not given or the probe failed).
@@ -98,6 +100,7 @@ class Verdict:
     violation_grads: bool = False
     violation_weights: bool = False
     update_skipped: bool = False
+    scaler_overflow: bool = False
     replica_divergence: bool = False
     max_abs_grad: float = 0.0
     max_abs_weight: float = 0.0

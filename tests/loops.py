@@ -99,7 +99,7 @@ def run_loop(
             sched.step()
         if on_update:
             on_update(step, model)
-        lrs.append(opt.param_groups[0]["lr"])
+        lrs.append(float(opt.param_groups[0]["lr"]))
         losses.append(float(loss.detach()))
         reported = guard_loss(step, loss) if guard_loss else loss
         if controller is not None and not controller.step(step, reported, model):

@@ -40,8 +40,9 @@ resume: the Trainer restores the optimizer and scheduler, which already carry it
 the checkpoint, with the checkpoint's config (out_dir included); ``trainer.callback_handler.callbacks`` holds
 the live one.
 
-Not supported: DeepSpeed and FSDP (the controller snapshots a full per-rank model and optimizer). With fp16
-and a GradScaler, overflow steps the scaler would skip are also counted as skipped steps; prefer bf16.
+Not supported: DeepSpeed and FSDP (the controller snapshots a full per-rank model and optimizer). With fp16,
+the gate unscales the gradients through accelerate's GradScaler, and an overflow the scaler skips by design is
+counted as ``scaler_skipped_steps``, not as a fault.
 """
 
 from __future__ import annotations
@@ -157,8 +158,10 @@ class GradienceCallback(TrainerCallback, ExportableState):
         """Gradient gate (collective). Runs after clipping; the step number is the one on_step_end will report."""
         if self.controller is None:
             return
-        self.controller.before_optimizer_step(kwargs.get("model"), _unwrap(kwargs.get("optimizer"), "optimizer"),
-                                              step=state.global_step + 1)
+        optimizer = kwargs.get("optimizer")
+        # fp16: accelerate's optimizer wrapper owns the GradScaler; the gate unscales through it.
+        self.controller.before_optimizer_step(kwargs.get("model"), _unwrap(optimizer, "optimizer"),
+                                              step=state.global_step + 1, scaler=getattr(optimizer, "scaler", None))
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> TrainerControl:
