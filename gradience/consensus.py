@@ -26,7 +26,7 @@ _FLAGS = (
     "update_skipped",
     "scaler_overflow",
 )
-_MAGS = ("max_abs_grad", "max_abs_weight")
+_MAGS = ("grad_norm", "weight_norm")
 _FP = len(_FLAGS) + len(_MAGS)
 _RANKS = _FP + 2
 

@@ -160,7 +160,7 @@ class GradienceController:
             self.scaler_skips += 1
         elif decision.action is Action.SKIP_STEP:
             self.telemetry.emit("skip_step", step=step, reason=decision.reason, faulty_ranks=verdict.faulty_ranks,
-                                max_abs_grad=verdict.max_abs_grad, local_bad_grads=bad)
+                                grad_norm=verdict.grad_norm, local_bad_grads=bad)
         else:
             self._act(step, verdict, decision)
         return False
@@ -193,7 +193,7 @@ class GradienceController:
         self._act(step, verdict, decision)
         if step % self.config.telemetry_interval == 0:
             self.telemetry.emit("telemetry", step=step, train_loss=self.last_loss, lr=self._lr(),
-                                lr_scale=self.state.lr_scale, max_abs_weight=verdict.max_abs_weight,
+                                lr_scale=self.state.lr_scale, weight_norm=verdict.weight_norm,
                                 spectral_kappa=None, risk_level=None)
         return not self.state.halted
 

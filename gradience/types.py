@@ -64,8 +64,9 @@ class ProbeReport:
     update_skipped: bool = False
     #: A GradScaler found inf/NaN: the scaler skips this update by design (not a fault).
     scaler_overflow: bool = False
-    max_abs_grad: float = 0.0
-    max_abs_weight: float = 0.0
+    #: Largest per-tensor L2 norm of the gradients / parameters (inf when non-finite).
+    grad_norm: float = 0.0
+    weight_norm: float = 0.0
     #: This rank's loss as reported by the loop (None if not given or the probe failed).
     loss: float | None = None
     #: Order-independent checksum of the weights, or None when not computed this step.
@@ -102,8 +103,8 @@ class Verdict:
     update_skipped: bool = False
     scaler_overflow: bool = False
     replica_divergence: bool = False
-    max_abs_grad: float = 0.0
-    max_abs_weight: float = 0.0
+    grad_norm: float = 0.0
+    weight_norm: float = 0.0
     #: Ranks whose local report was faulty (sorted).
     faulty_ranks: tuple[int, ...] = ()
 

@@ -106,13 +106,13 @@ def test_same_decision_on_every_rank(request, tmp_path, world, bad_rank, kind, e
 def test_consensus_reports_every_faulty_rank(groups3):
     def fn(rank, group):
         bad = rank in (0, 2)
-        report = ProbeReport(phase=Phase.STEP, step=3, nonfinite_weights=bad, max_abs_weight=float(rank))
+        report = ProbeReport(phase=Phase.STEP, step=3, nonfinite_weights=bad, weight_norm=float(rank))
         return agree(report, TorchComm(group, timeout_s=10))
 
     verdicts = run_ranks(groups3, fn)
     assert verdicts[0] == verdicts[1] == verdicts[2]
     assert verdicts[0].faulty_ranks == (0, 2) and verdicts[0].nonfinite_weights
-    assert verdicts[0].max_abs_weight == 2.0
+    assert verdicts[0].weight_norm == 2.0
 
 
 def test_failed_shard_write_on_one_rank_commits_nothing(groups2, tmp_path):
