@@ -87,7 +87,9 @@ class GradienceController:
         Either pass ``optimizer=`` (and ``scheduler=``) and Gradience snapshots model + optimizer state
         itself as safetensors and applies LR backoff through the scheduler, or pass ``save_fn(path)`` /
         ``load_fn(path)`` that write / restore a checkpoint at ``path`` and ``get_lr()`` / ``set_lr(lr)``.
-        ``start_step`` labels the initial snapshot (the step before the first one the loop will report).
+        ``start_step`` labels the initial snapshot (the step before the first one the loop will report);
+        ``resume=True`` appends to the telemetry files instead of starting them anew. Every rank must call
+        this: the initial snapshot is committed collectively.
         """
         if (save_fn is None) != (load_fn is None):
             raise ConfigError("initialize: save_fn and load_fn must be given together")

@@ -273,3 +273,21 @@ def test_restore_error_on_one_rank_stops_every_rank(groups2, tmp_path):
     assert all(c.halted and c.exit_code == 3 for c in ctls)
     abort = events(tmp_path, "abort", rank=1)
     assert abort and abort[0]["reason"] == "RESTORE_FAILED" and "size mismatch" in abort[0]["error"]
+
+
+def test_user_supplied_process_group(groups2, tmp_path):
+    """process_group= (a DDP or data-parallel subgroup) is all the controller needs to agree over."""
+    models = [make_mlp(0) for _ in groups2]
+    inject = poison("0.weight")
+
+    def rank_fn(rank, group):
+        ctl = GradienceController(out_dir=str(tmp_path), process_group=group, guard_snapshot_interval=4,
+                                  collective_timeout_s=30)
+        out = run_loop(models[rank], mlp_loss, ctl, steps=10,
+                       on_update=lambda s, m: inject(m) if rank == 1 and s == 6 else None)
+        return ctl.comm.world_size, out["summary"]
+
+    results = run_ranks(groups2, rank_fn)
+    assert [w for w, _ in results] == [2, 2]
+    for r in range(2):
+        assert [(e["step"], e["to_step"]) for e in events(tmp_path, "rollback_success", rank=r)] == [(6, 4)]
