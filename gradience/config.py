@@ -48,6 +48,11 @@ class GradienceConfig:
     guard_snapshot_tier: str = "disk"
     """'disk': safetensors shards under out_dir/snapshots (survive a crash); 'memory': CPU copies."""
 
+    guard_snapshot_commit_lag: int = 0
+    """0: write and commit a snapshot at its step. N > 0: copy the state at its step, write it in a background
+    thread and commit it N steps later unless a fault comes first (for large models, where a synchronous
+    write costs many steps; also keeps a state that goes bad within N steps from ever becoming a target)."""
+
     guard_max_snapshot_failures: int = 2
     """A snapshot whose restores were followed by a fault this many times is never a target again."""
 
@@ -76,7 +81,8 @@ class GradienceConfig:
             _check_type(f.name, getattr(self, f.name), f.type)
         _positive_int(self, "guard_snapshot_interval", "guard_max_consecutive_skips", "guard_snapshot_keep",
                       "guard_max_snapshot_failures", "spectral_interval", "telemetry_interval")
-        _non_negative_int(self, "guard_max_rollbacks", "fingerprint_interval", "redact_max_chars")
+        _non_negative_int(self, "guard_max_rollbacks", "fingerprint_interval", "redact_max_chars",
+                          "guard_snapshot_commit_lag")
         if not (math.isfinite(self.guard_violation_threshold) and self.guard_violation_threshold > 0):
             raise ConfigError(
                 f"guard_violation_threshold must be a finite number > 0, got {self.guard_violation_threshold!r}"
@@ -87,6 +93,9 @@ class GradienceConfig:
             raise ConfigError(f"guard_snapshot_tier must be one of {SNAPSHOT_TIERS}, got {self.guard_snapshot_tier!r}")
         if not (math.isfinite(self.collective_timeout_s) and self.collective_timeout_s > 0):
             raise ConfigError(f"collective_timeout_s must be a finite number > 0, got {self.collective_timeout_s!r}")
+        if self.guard_snapshot_commit_lag and self.guard_snapshot_commit_lag >= self.guard_snapshot_interval:
+            raise ConfigError(f"guard_snapshot_commit_lag ({self.guard_snapshot_commit_lag}) must be smaller than "
+                              f"guard_snapshot_interval ({self.guard_snapshot_interval})")
         if not self.out_dir:
             raise ConfigError("out_dir must be a non-empty path")
 

@@ -21,7 +21,8 @@ from gradience.consensus import agree
 from gradience.errors import EXIT_GUARD_HALTED, ConfigError, ConsensusTimeout, SnapshotError
 from gradience.lr import current_lr, scale_lr
 from gradience.probe import bad_parameters, fingerprint_tensor, parameters, probe_grads, probe_step
-from gradience.snapshot import SnapshotStore, agree_all, capture_state, restore_state
+from gradience.snapshot import SnapshotStore, agree_all
+from gradience.state import capture_state, restore_state
 from gradience.telemetry import Telemetry
 from gradience.types import Action, Decision, GuardState, Phase, ProbeReport, Reason, Verdict
 
@@ -65,6 +66,7 @@ class GradienceController:
         self._skipped_this_step = False
         self._aborted: str | None = None
         self._monitored_reason: Reason | None = None
+        self._pending_due = 0
         #: Updates the GradScaler skipped for overflow (not faults; see ``before_optimizer_step``).
         self.scaler_skips = 0
 
@@ -202,6 +204,9 @@ class GradienceController:
     def finalize(self) -> dict[str, Any]:
         """Write ``summary.json`` (rank 0) and a ``summary`` event; return the summary dict."""
         self._require_initialized()
+        if self.store is not None and self.store.pending_step is not None:
+            # finalize() is not collective, so an in-flight snapshot cannot be agreed on: drop it.
+            self._abandon_pending(self.last_step if self.last_step is not None else -1)
         summary = self.summary()
         self.telemetry.emit("summary", **summary)
         written = self.telemetry.write_summary(summary)
@@ -268,35 +273,59 @@ class GradienceController:
 
     # ------------------------------------------------------------------------------------------ effects
     def _act(self, step: int, verdict: Verdict, decision: Decision) -> None:
+        if self.store is not None and self.store.pending_step is not None:
+            # Every rank sees the same decisions and steps, so they finish or drop it at the same point.
+            if decision.action in (Action.ROLLBACK, Action.HALT):
+                self._abandon_pending(step)
+            elif decision.action is Action.SNAPSHOT or step >= self._pending_due:
+                self._commit_pending(step)
         if decision.action is Action.SNAPSHOT:
-            self._snapshot(step)
+            self._snapshot(step, background=self.config.guard_snapshot_commit_lag > 0)
         elif decision.action is Action.ROLLBACK:
             self._rollback(step, verdict, decision)
         elif decision.action is Action.HALT:
             self.telemetry.emit("abort", step=step, reason=decision.reason, faulty_ranks=verdict.faulty_ranks,
                                 total_rollbacks=self.state.total_rollbacks)
 
-    def _snapshot(self, step: int) -> bool:
+    def _snapshot(self, step: int, *, background: bool = False) -> bool | None:
+        """Snapshot ``step``: committed now, or (``background``) written in a thread and committed
+        ``guard_snapshot_commit_lag`` steps later if no rollback comes first."""
         meta = {"step": step, "rank": self.comm.rank, "world_size": self.comm.world_size,
                 "lr_scale": self.state.lr_scale, "guard_state": self.state.to_dict()}
         if self._save_fn is not None:
-            ok = self.store.save(step, meta=meta, save_fn=self._save_fn)
+            self.store.begin(step, meta=meta, save_fn=self._save_fn)
         else:
-            copy = self.config.guard_snapshot_tier == "memory"
-            ok = self.store.save(step, meta=meta, capture=lambda: capture_state(self.model, self.optimizer,
-                                                                                 copy=copy))
+            # A background write reads the copy while training goes on: it must not alias live tensors.
+            copy = self.config.guard_snapshot_tier == "memory" or background
+            self.store.begin(step, meta=meta, capture=lambda: capture_state(self.model, self.optimizer, copy=copy),
+                             background=background)
+        if background:
+            self._pending_due = step + self.config.guard_snapshot_commit_lag
+            return None
+        return self._commit_pending(step)
+
+    def _commit_pending(self, step: int) -> bool:
+        snap = self.store.pending_step
+        ok = self._collective(self.store.finish)
         if ok:
-            self.state = policy.on_snapshot_committed(self.state, step, self.config)
+            self.state = policy.on_snapshot_committed(self.state, snap, self.config)
             self.store.prune(self.state.committed)
         error = self.store.last_error
         if not ok:
             logger.warning("Gradience: snapshot of step %d was not committed (%s); the rollback target stays at "
-                           "step %s", step, f"{type(error).__name__}: {error}" if error else "another rank failed",
+                           "step %s", snap, f"{type(error).__name__}: {error}" if error else "another rank failed",
                            self.state.committed[-1] if self.state.committed else None)
-        self.telemetry.emit("snapshot", step=step, committed=ok, tier=self.config.guard_snapshot_tier,
-                            path=str(self.store.step_dir(step)) if ok else None,
+        self.telemetry.emit("snapshot", step=snap, committed=ok, committed_at=step,
+                            tier=self.config.guard_snapshot_tier, path=str(self.store.step_dir(snap)) if ok else None,
                             local_error=f"{type(error).__name__}: {error}" if error else None)
         return ok
+
+    def _abandon_pending(self, step: int) -> None:
+        snap = self.store.abandon()
+        if snap is not None:
+            self.telemetry.emit("snapshot", step=snap, committed=False, committed_at=None,
+                                tier=self.config.guard_snapshot_tier, path=None,
+                                local_error=f"abandoned at step {step}: a fault came before its commit")
 
     def _rollback(self, step: int, verdict: Verdict, decision: Decision) -> None:
         first_reason = decision.reason

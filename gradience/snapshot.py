@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +26,13 @@ from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from gradience.comm import Comm
 from gradience.errors import SnapshotError
+from gradience.state import capture_state, restore_state
+
+__all__ = ["FORMAT_VERSION", "MARKER", "Prepared", "SnapshotStore", "agree_all", "capture_state", "restore_state",
+           "step_dir_name"]
 
 MARKER = "COMMITTED"
 FORMAT_VERSION = 1
@@ -37,127 +41,6 @@ FORMAT_VERSION = 1
 def step_dir_name(step: int) -> str:
     """Directory name of a snapshot; the state before the first step (step < 0) is ``step_initial``."""
     return "step_initial" if step < 0 else f"step_{step:08d}"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# model + optimizer <-> flat tensors
-
-
-def capture_state(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, *, copy: bool
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Flatten model and optimizer state into CPU tensors plus JSON-able metadata.
-
-    Tied weights (one storage under several names, e.g. GPT-2's ``wte``/``lm_head``) are stored once and
-    recorded as aliases, because safetensors refuses shared storage and a restore must keep the tie.
-    """
-    tensors: dict[str, torch.Tensor] = {}
-    sparse: dict[str, list[Any]] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    skipped: list[str] = []
-    for name, t in model.state_dict().items():
-        if not isinstance(t, torch.Tensor):
-            skipped.append(name)
-            continue
-        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-        if t.numel() and key in seen:
-            aliases[f"model.{name}"] = seen[key]
-            continue
-        seen[key] = f"model.{name}"
-        _put(tensors, sparse, f"model.{name}", t, copy)
-    scalars: dict[str, dict[str, Any]] = {}
-    sequences: dict[str, dict[str, Any]] = {}
-    if optimizer is not None:
-        for idx, st in optimizer.state_dict()["state"].items():
-            for k, v in st.items():
-                name = f"optimizer.{idx}.{k}"
-                if isinstance(v, torch.Tensor):
-                    _put(tensors, sparse, name, v, copy)
-                elif isinstance(v, (list, tuple)):
-                    # e.g. LBFGS history: lists of tensors (and None); tensors go to the shard, the rest to JSON.
-                    items = []
-                    for i, item in enumerate(v):
-                        if isinstance(item, torch.Tensor):
-                            _put(tensors, sparse, f"{name}.{i}", item, copy)
-                            items.append({"tensor": f"{name}.{i}"})
-                        else:
-                            items.append({"value": item})
-                    sequences.setdefault(str(idx), {})[k] = {"tuple": isinstance(v, tuple), "items": items}
-                else:
-                    scalars.setdefault(str(idx), {})[k] = v
-    meta = {"aliases": aliases, "optimizer_scalars": scalars, "optimizer_sequences": sequences,
-            "sparse": sparse, "skipped": skipped}
-    return tensors, meta
-
-
-def restore_state(
-    tensors: dict[str, torch.Tensor],
-    meta: dict[str, Any],
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-) -> None:
-    """Load what :func:`capture_state` produced back into ``model`` and ``optimizer`` (in place).
-
-    The optimizer's param_groups (LR, betas, ...) are kept as they are now: the schedule is not rewound,
-    the caller applies the LR backoff on top.
-    """
-    tensors = _rebuild_sparse(tensors, meta.get("sparse", {}))
-    model_sd = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-    for alias, canonical in meta.get("aliases", {}).items():
-        model_sd[alias[len("model.") :]] = tensors[canonical]
-    live = model.state_dict()
-    for name in meta.get("skipped", []):
-        model_sd[name] = live[name]
-    model.load_state_dict(model_sd, strict=True)
-    if optimizer is None:
-        return
-    state: dict[int, dict[str, Any]] = {}
-    in_sequences = {item["tensor"] for per in meta.get("optimizer_sequences", {}).values()
-                    for seq in per.values() for item in seq["items"] if "tensor" in item}
-    for k, v in tensors.items():
-        if k.startswith("optimizer.") and k not in in_sequences:
-            _, idx, key = k.split(".", 2)
-            state.setdefault(int(idx), {})[key] = v.clone()
-    for idx, kv in meta.get("optimizer_scalars", {}).items():
-        state.setdefault(int(idx), {}).update(kv)
-    for idx, per in meta.get("optimizer_sequences", {}).items():
-        for key, seq in per.items():
-            items = [tensors[it["tensor"]].clone() if "tensor" in it else it["value"] for it in seq["items"]]
-            state.setdefault(int(idx), {})[key] = tuple(items) if seq["tuple"] else items
-    sd = optimizer.state_dict()
-    sd["state"] = state
-    optimizer.load_state_dict(sd)
-
-
-def _put(tensors: dict[str, torch.Tensor], sparse: dict[str, list[Any]], name: str, t: torch.Tensor,
-         copy: bool) -> None:
-    if t.is_sparse:
-        # safetensors stores dense arrays only: keep a COO tensor as its indices and values, uncoalesced as
-        # it is (coalescing would re-sum duplicates in another order: not bitwise the same state).
-        t = t.detach()
-        tensors[f"{name}.__indices"] = _to_cpu(t._indices(), copy)
-        tensors[f"{name}.__values"] = _to_cpu(t._values(), copy)
-        sparse[name] = [list(t.shape), t.is_coalesced()]
-    else:
-        tensors[name] = _to_cpu(t, copy)
-
-
-def _rebuild_sparse(tensors: dict[str, torch.Tensor], sparse: dict[str, list[Any]]) -> dict[str, torch.Tensor]:
-    if not sparse:
-        return tensors
-    out = {k: v for k, v in tensors.items() if not k.endswith((".__indices", ".__values"))}
-    for name, (shape, coalesced) in sparse.items():
-        out[name] = torch.sparse_coo_tensor(tensors[f"{name}.__indices"], tensors[f"{name}.__values"], shape,
-                                            is_coalesced=coalesced, check_invariants=False)
-    return out
-
-
-def _to_cpu(t: torch.Tensor, copy: bool) -> torch.Tensor:
-    t = t.detach()
-    if t.device.type == "cpu":
-        return t.clone().contiguous() if copy else t.contiguous()
-    return t.to("cpu").contiguous()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -174,6 +57,15 @@ class Prepared:
     path: Path | None
 
 
+@dataclass
+class _Pending:
+    step: int
+    meta: dict[str, Any]
+    thread: threading.Thread | None = None
+    digest: str = ""
+    error: Exception | None = None
+
+
 class SnapshotStore:
     """Per-rank shards with a collective commit. Every method marked *collective* must run on all ranks."""
 
@@ -184,8 +76,9 @@ class SnapshotStore:
         self._memory: dict[int, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
         # step -> sha256 of every rank's shard, known to every rank after the commit all-reduce.
         self._digests: dict[int, list[str]] = {}
-        #: This rank's exception from the last failed :meth:`save`, None after a success.
+        #: This rank's exception from the last failed :meth:`save` / :meth:`finish`, None after a success.
         self.last_error: Exception | None = None
+        self._pending: _Pending | None = None
 
     # ---- paths
     def step_dir(self, step: int) -> Path:
@@ -219,24 +112,70 @@ class SnapshotStore:
         writes. Returns True when committed. On failure nothing is committed, this rank's shard is removed,
         earlier snapshots stay the rollback targets and ``last_error`` holds this rank's exception, if any.
         """
-        meta = dict(meta or {})
-        digest, error = "", None
+        self.begin(step, tensors=tensors, meta=meta, save_fn=save_fn, capture=capture)
+        return self.finish()
+
+    def begin(
+        self,
+        step: int,
+        *,
+        tensors: dict[str, torch.Tensor] | None = None,
+        meta: dict[str, Any] | None = None,
+        save_fn: Callable[[str], None] | None = None,
+        capture: Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None,
+        background: bool = False,
+    ) -> None:
+        """*Local.* Capture now and write this rank's shard, in a background thread if ``background``.
+
+        ``capture`` must return copies that later training steps do not modify. :meth:`finish` (collective)
+        commits the snapshot, :meth:`abandon` drops it; one snapshot is in flight at a time.
+        """
+        if self._pending is not None:
+            raise SnapshotError(f"snapshot {self._pending.step} is still in flight; finish or abandon it first")
+        pending = _Pending(step, dict(meta or {}))
         try:
             if capture is not None:
                 tensors, extra = capture()
-                meta.update(extra)
-            digest = self._write_shard(step, tensors, meta, save_fn)
-        except Exception as e:  # an IO error on one rank must become a flag, never a skipped collective
-            error = e
-        self.last_error = error
-        digests = _exchange_digests(self.comm, digest, ok=error is None)
+                pending.meta.update(extra)
+        except Exception as e:  # reported through finish(), never by skipping the agreement
+            pending.error = e
+
+        def write() -> None:
+            try:
+                pending.digest = self._write_shard(step, tensors, pending.meta, save_fn)
+            except Exception as e:
+                pending.error = e
+
+        if pending.error is None:
+            if background:
+                pending.thread = threading.Thread(target=write, name=f"gradience-snapshot-{step}", daemon=True)
+                pending.thread.start()
+            else:
+                write()
+        self._pending = pending
+
+    @property
+    def pending_step(self) -> int | None:
+        """Step of the snapshot begun and not yet finished or abandoned."""
+        return self._pending.step if self._pending is not None else None
+
+    def finish(self) -> bool:
+        """*Collective.* Wait for this rank's shard, then commit the in-flight snapshot if every rank succeeded."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            raise SnapshotError("no snapshot in flight")
+        if pending.thread is not None:
+            pending.thread.join()
+        step = pending.step
+        self.last_error = pending.error
+        digests = _exchange_digests(self.comm, pending.digest, ok=pending.error is None)
         if digests is None:
             self._discard(step)
             return False
         committed = True
         if self.comm.rank == 0:
             try:
-                self._write_marker(step, digests, meta)
+                self._write_marker(step, digests, pending.meta)
             except Exception as e:
                 self.last_error, committed = e, False
         if not agree_all(self.comm, committed):
@@ -244,6 +183,16 @@ class SnapshotStore:
             return False
         self._digests[step] = digests
         return True
+
+    def abandon(self) -> int | None:
+        """*Local.* Drop the in-flight snapshot (it is never committed); returns its step."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        if pending.thread is not None:
+            pending.thread.join()
+        self._discard(pending.step)
+        return pending.step
 
     def prepare(self, step: int) -> Prepared | None:
         """*Local.* Read and verify this rank's shard of ``step``; None if missing or corrupt."""
@@ -299,9 +248,7 @@ class SnapshotStore:
         d = self.step_dir(step)
         d.mkdir(parents=True, exist_ok=True)
         if tensors is not None:
-            blob = st_save(tensors, metadata={"gradience": json.dumps(meta)})
-            _atomic_write(self.shard_path(step), blob)
-            return hashlib.sha256(blob).hexdigest()
+            return _write_safetensors(self.shard_path(step), tensors, {"gradience": json.dumps(meta)})
         path = self.shard_path(step, ".ckpt")
         save_fn(str(path))
         if not path.exists():
@@ -379,6 +326,54 @@ def agree_all(comm: Comm, ok: bool) -> bool:
         return ok
     flag = comm.all_reduce_max(torch.tensor([0.0 if ok else 1.0], dtype=torch.float64))
     return bool(flag[0] == 0)
+
+
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
+    if hasattr(torch, _name):
+        _ST_DTYPES[getattr(torch, _name)] = _code
+
+
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """Write a safetensors file (temp -> fsync -> rename) and return the SHA-256 of exactly its bytes.
+
+    Written here rather than with ``safetensors.torch.save`` so that no serialized copy of the whole shard
+    is built in memory and the GIL is released while bytes are hashed and written: a background snapshot
+    then does not stall the training thread.
+    """
+    for name, t in tensors.items():
+        if t.dtype not in _ST_DTYPES:
+            raise SnapshotError(f"cannot store {name}: dtype {t.dtype} has no safetensors code")
+    # Largest elements first keeps every tensor aligned to its element size after the 8-byte-padded header.
+    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    digest = hashlib.sha256()
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        for chunk in (len(head).to_bytes(8, "little"), head):
+            digest.update(chunk)
+            f.write(chunk)
+        for name in order:
+            t = tensors[name].contiguous()
+            if t.numel():
+                data = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+                digest.update(data)
+                f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return digest.hexdigest()
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

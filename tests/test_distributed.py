@@ -291,3 +291,13 @@ def test_user_supplied_process_group(groups2, tmp_path):
     assert [w for w, _ in results] == [2, 2]
     for r in range(2):
         assert [(e["step"], e["to_step"]) for e in events(tmp_path, "rollback_success", rank=r)] == [(6, 4)]
+
+
+def test_background_snapshots_commit_and_abandon_in_lockstep(groups2, tmp_path):
+    models, _ = _guarded_run(groups2, tmp_path, kind="weight_nan", bad_rank=1, at=12, guard_snapshot_commit_lag=2)
+    per_rank = [_actions(tmp_path, r) for r in range(2)]
+    assert per_rank[0] == per_rank[1]
+    snaps = [(a[1], a[6]) for a in per_rank[0] if a[0] == "snapshot"]
+    assert snaps[:4] == [(-1, True), (0, True), (5, True), (10, False)]  # 10 was in flight at the fault
+    assert [a[2] for a in per_rank[0] if a[0] == "rollback_success"] == [5]
+    assert all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True))

@@ -208,3 +208,42 @@ def test_initialize_rejects_incomplete_wiring(tmp_path):
         ctl.initialize(make_mlp(), save_fn=lambda p: None)
     with pytest.raises(RuntimeError, match="initialize"):
         GradienceController(out_dir=str(tmp_path)).step(0, 1.0)
+
+
+def test_background_snapshots_commit_after_the_lag_and_a_fault_first_abandons_them(tmp_path):
+    ctl = GradienceController(out_dir=str(tmp_path), guard_snapshot_interval=10, guard_snapshot_commit_lag=3)
+    inject = poison("0.weight")
+    model = make_mlp()
+    kept = {}
+
+    def hook(step, m):
+        if step == 10:
+            kept[10] = [p.detach().clone() for p in m.parameters()]
+        if step in (22, 35):
+            inject(m)
+
+    run_loop(model, mlp_loss, ctl, steps=40, on_update=hook)
+    snaps = [(e["step"], e["committed"], e["committed_at"]) for e in events(tmp_path, "snapshot")]
+    # 10 commits at 13; 20 is still in flight at the step-22 fault: abandoned, the target is 10.
+    assert snaps[:4] == [(-1, True, -1), (0, True, 3), (10, True, 13), (20, False, None)]
+    assert (30, True, 33) in snaps
+    rbs = [(e["step"], e["to_step"]) for e in events(tmp_path, "rollback_success")]
+    assert rbs == [(22, 10), (35, 30)]
+    assert not (tmp_path / "snapshots" / "step_00000020").exists()
+
+
+def test_background_snapshot_restores_the_state_of_its_own_step(tmp_path):
+    ctl = GradienceController(out_dir=str(tmp_path), guard_snapshot_interval=10, guard_snapshot_commit_lag=4)
+    model = make_mlp()
+    kept = []
+
+    def hook(step, m):
+        if step == 10:
+            kept.extend(p.detach().clone() for p in m.parameters())  # training goes on while it is written
+        if step == 16:
+            poison("0.weight")(m)
+
+    out = run_loop(model, mlp_loss, ctl, steps=17, on_update=hook)
+    assert [(e["step"], e["to_step"]) for e in events(tmp_path, "rollback_success")] == [(16, 10)]
+    assert all(torch.equal(a, b) for a, b in zip(kept, model.parameters(), strict=True))
+    assert out["summary"]["guard"]["total_rollbacks"] == 1

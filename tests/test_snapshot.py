@@ -474,3 +474,25 @@ def test_reset_clears_previous_run(tmp_path):
     fresh.reset()
     assert fresh.committed_on_disk() == []
     assert fresh.prepare(1) is None
+
+
+def test_own_safetensors_writer_is_readable_by_safetensors(tmp_path):
+    from safetensors.torch import load_file
+
+    from gradience.snapshot import _write_safetensors
+
+    tensors = {
+        "a": torch.randn(3, 5, dtype=torch.float64),
+        "b": torch.randn(7).to(torch.bfloat16),
+        "c": torch.tensor([True, False, True]),
+        "d": torch.tensor(3.5),
+        "e": torch.zeros(0, 4),
+        "f": torch.arange(9, dtype=torch.int16).reshape(3, 3).t(),  # non-contiguous
+    }
+    digest = _write_safetensors(tmp_path / "x.safetensors", tensors, {"gradience": "{}"})
+    import hashlib
+
+    assert digest == hashlib.sha256((tmp_path / "x.safetensors").read_bytes()).hexdigest()
+    back = load_file(tmp_path / "x.safetensors")
+    assert set(back) == set(tensors)
+    assert all(torch.equal(back[k], tensors[k]) and back[k].dtype == tensors[k].dtype for k in tensors)

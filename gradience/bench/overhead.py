@@ -25,6 +25,7 @@ ARMS = {
     "probes only": {"guard_snapshot_interval": 10**9},
     "guard, memory snapshots": {"guard_snapshot_tier": "memory"},
     "guard, disk snapshots": {"guard_snapshot_tier": "disk"},
+    "guard, disk, background": {"guard_snapshot_tier": "disk", "guard_snapshot_commit_lag": 10},
 }
 
 

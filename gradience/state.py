@@ -1,0 +1,128 @@
+"""Model + optimizer state <-> a flat dict of CPU tensors plus JSON-able metadata (what a snapshot shard holds).
+
+Handles what safetensors cannot store directly: tied weights (stored once, recorded as aliases), sparse COO
+tensors (indices + values), optimizer state holding lists of tensors (LBFGS history) and non-tensor values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def capture_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, *, copy: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Flatten model and optimizer state into CPU tensors plus JSON-able metadata.
+
+    Tied weights (one storage under several names, e.g. GPT-2's ``wte``/``lm_head``) are stored once and
+    recorded as aliases, because safetensors refuses shared storage and a restore must keep the tie.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    sparse: dict[str, list[Any]] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    skipped: list[str] = []
+    for name, t in model.state_dict().items():
+        if not isinstance(t, torch.Tensor):
+            skipped.append(name)
+            continue
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if t.numel() and key in seen:
+            aliases[f"model.{name}"] = seen[key]
+            continue
+        seen[key] = f"model.{name}"
+        _put(tensors, sparse, f"model.{name}", t, copy)
+    scalars: dict[str, dict[str, Any]] = {}
+    sequences: dict[str, dict[str, Any]] = {}
+    if optimizer is not None:
+        for idx, st in optimizer.state_dict()["state"].items():
+            for k, v in st.items():
+                name = f"optimizer.{idx}.{k}"
+                if isinstance(v, torch.Tensor):
+                    _put(tensors, sparse, name, v, copy)
+                elif isinstance(v, (list, tuple)):
+                    # e.g. LBFGS history: lists of tensors (and None); tensors go to the shard, the rest to JSON.
+                    items = []
+                    for i, item in enumerate(v):
+                        if isinstance(item, torch.Tensor):
+                            _put(tensors, sparse, f"{name}.{i}", item, copy)
+                            items.append({"tensor": f"{name}.{i}"})
+                        else:
+                            items.append({"value": item})
+                    sequences.setdefault(str(idx), {})[k] = {"tuple": isinstance(v, tuple), "items": items}
+                else:
+                    scalars.setdefault(str(idx), {})[k] = v
+    meta = {"aliases": aliases, "optimizer_scalars": scalars, "optimizer_sequences": sequences,
+            "sparse": sparse, "skipped": skipped}
+    return tensors, meta
+
+
+def restore_state(
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+) -> None:
+    """Load what :func:`capture_state` produced back into ``model`` and ``optimizer`` (in place).
+
+    The optimizer's param_groups (LR, betas, ...) are kept as they are now: the schedule is not rewound,
+    the caller applies the LR backoff on top.
+    """
+    tensors = _rebuild_sparse(tensors, meta.get("sparse", {}))
+    model_sd = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    for alias, canonical in meta.get("aliases", {}).items():
+        model_sd[alias[len("model.") :]] = tensors[canonical]
+    live = model.state_dict()
+    for name in meta.get("skipped", []):
+        model_sd[name] = live[name]
+    model.load_state_dict(model_sd, strict=True)
+    if optimizer is None:
+        return
+    state: dict[int, dict[str, Any]] = {}
+    in_sequences = {item["tensor"] for per in meta.get("optimizer_sequences", {}).values()
+                    for seq in per.values() for item in seq["items"] if "tensor" in item}
+    for k, v in tensors.items():
+        if k.startswith("optimizer.") and k not in in_sequences:
+            _, idx, key = k.split(".", 2)
+            state.setdefault(int(idx), {})[key] = v.clone()
+    for idx, kv in meta.get("optimizer_scalars", {}).items():
+        state.setdefault(int(idx), {}).update(kv)
+    for idx, per in meta.get("optimizer_sequences", {}).items():
+        for key, seq in per.items():
+            items = [tensors[it["tensor"]].clone() if "tensor" in it else it["value"] for it in seq["items"]]
+            state.setdefault(int(idx), {})[key] = tuple(items) if seq["tuple"] else items
+    sd = optimizer.state_dict()
+    sd["state"] = state
+    optimizer.load_state_dict(sd)
+
+
+def _put(tensors: dict[str, torch.Tensor], sparse: dict[str, list[Any]], name: str, t: torch.Tensor,
+         copy: bool) -> None:
+    if t.is_sparse:
+        # safetensors stores dense arrays only: keep a COO tensor as its indices and values, uncoalesced as
+        # it is (coalescing would re-sum duplicates in another order: not bitwise the same state).
+        t = t.detach()
+        tensors[f"{name}.__indices"] = _to_cpu(t._indices(), copy)
+        tensors[f"{name}.__values"] = _to_cpu(t._values(), copy)
+        sparse[name] = [list(t.shape), t.is_coalesced()]
+    else:
+        tensors[name] = _to_cpu(t, copy)
+
+
+def _rebuild_sparse(tensors: dict[str, torch.Tensor], sparse: dict[str, list[Any]]) -> dict[str, torch.Tensor]:
+    if not sparse:
+        return tensors
+    out = {k: v for k, v in tensors.items() if not k.endswith((".__indices", ".__values"))}
+    for name, (shape, coalesced) in sparse.items():
+        out[name] = torch.sparse_coo_tensor(tensors[f"{name}.__indices"], tensors[f"{name}.__values"], shape,
+                                            is_coalesced=coalesced, check_invariants=False)
+    return out
+
+
+def _to_cpu(t: torch.Tensor, copy: bool) -> torch.Tensor:
+    t = t.detach()
+    if t.device.type == "cpu":
+        return t.clone().contiguous() if copy else t.contiguous()
+    return t.to("cpu").contiguous()
