@@ -57,7 +57,7 @@ class GradienceConfig:
     """A snapshot whose restores were followed by a fault this many times is never a target again."""
 
     fingerprint_interval: int = 0
-    """Every this many steps compare a checksum of the weights across ranks (0 = off)."""
+    """Every this many steps compare a checksum of the parameters across ranks (0 = off)."""
 
     spectral_enabled: bool = True
     """Compute the spectral probe κ̃ every ``spectral_interval`` steps (reported as null until available)."""

@@ -25,7 +25,7 @@ ARMS = {
     "probes only": {"guard_snapshot_interval": 10**9},
     "guard, memory snapshots": {"guard_snapshot_tier": "memory"},
     "guard, disk snapshots": {"guard_snapshot_tier": "disk"},
-    "guard, disk, background": {"guard_snapshot_tier": "disk", "guard_snapshot_commit_lag": 10},
+    "guard, disk, background": {"guard_snapshot_tier": "disk", "guard_snapshot_commit_lag": -1},  # see below
 }
 
 
@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         guards = {}
         for name, fields in ARMS.items():
+            if fields.get("guard_snapshot_commit_lag") == -1:  # commit a tenth of an interval later
+                fields = {**fields, "guard_snapshot_commit_lag": max(1, args.snapshot_interval // 10)}
             conf = GradienceConfig(out_dir=f"{tmp}/{len(guards)}", telemetry_interval=args.block,
                                    guard_snapshot_interval=args.snapshot_interval).replace(**fields)
             g = GradienceController(conf)
