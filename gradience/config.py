@@ -51,7 +51,8 @@ class GradienceConfig:
     guard_snapshot_commit_lag: int = 0
     """0: write and commit a snapshot at its step. N > 0: copy the state at its step, write it in a background
     thread and commit it N steps later unless a fault comes first (for large models, where a synchronous
-    write costs many steps; also keeps a state that goes bad within N steps from ever becoming a target)."""
+    write costs many steps; also keeps a state that goes bad within N steps from ever becoming a target).
+    With save_fn the write stays on the training thread (it reads live state); only the commit is delayed."""
 
     guard_max_snapshot_failures: int = 2
     """A snapshot whose restores were followed by a fault this many times is never a target again."""

@@ -140,16 +140,27 @@ class SnapshotStore:
         except Exception as e:  # reported through finish(), never by skipping the agreement
             pending.error = e
 
+        job: Callable[[], str] = lambda: ""  # noqa: E731
+        if pending.error is None:
+            try:
+                job = self._shard_job(step, tensors, pending.meta, save_fn)
+            except Exception as e:
+                pending.error = e
+
         def write() -> None:
             try:
-                pending.digest = self._write_shard(step, tensors, pending.meta, save_fn)
+                pending.digest = job()
             except Exception as e:
                 pending.error = e
 
         if pending.error is None:
             if background:
-                pending.thread = threading.Thread(target=write, name=f"gradience-snapshot-{step}", daemon=True)
-                pending.thread.start()
+                thread = threading.Thread(target=write, name=f"gradience-snapshot-{step}", daemon=True)
+                try:
+                    thread.start()
+                    pending.thread = thread
+                except RuntimeError as e:  # "can't start new thread": a flag for finish(), not a lone raise
+                    pending.error = e
             else:
                 write()
         self._pending = pending
@@ -239,22 +250,31 @@ class SnapshotStore:
         return sorted(out)
 
     # ---- internals
-    def _write_shard(self, step: int, tensors, meta, save_fn) -> str:
+    def _shard_job(self, step: int, tensors, meta, save_fn) -> Callable[[], str]:
+        """Do on this thread what must see the state as it is now; return the rest (IO, hashing) as a job
+        that yields the shard's SHA-256 and may run on a background thread."""
         if self.tier == "memory":
             if tensors is None:
                 raise SnapshotError("the memory tier needs tensors (initialize with optimizer=, not save_fn)")
             self._memory[step] = (tensors, meta)
-            return ""
+            return lambda: ""
         d = self.step_dir(step)
         d.mkdir(parents=True, exist_ok=True)
         if tensors is not None:
-            return _write_safetensors(self.shard_path(step), tensors, {"gradience": json.dumps(meta)})
+            # Planning (header, byte views) here leaves the writer thread a few large GIL-free calls.
+            head, raws = _plan_safetensors(tensors, {"gradience": json.dumps(meta)})
+            path = self.shard_path(step)
+            return lambda: _write_planned(path, head, raws)
         path = self.shard_path(step, ".ckpt")
         save_fn(str(path))
         if not path.exists():
             raise SnapshotError(f"save_fn did not create {path}")
-        _fsync_path(path)
-        return _hash_path(path)
+
+        def finish_file() -> str:
+            _fsync_path(path)
+            return _hash_path(path)
+
+        return finish_file
 
     def _write_marker(self, step: int, digests: list[str], meta: dict[str, Any]) -> None:
         d = self.step_dir(step)
@@ -328,12 +348,16 @@ def agree_all(comm: Comm, ok: bool) -> bool:
     return bool(flag[0] == 0)
 
 
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
-for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
-    if hasattr(torch, _name):
-        _ST_DTYPES[getattr(torch, _name)] = _code
+try:  # the loader's own table, so everything safetensors can read, we can write
+    from safetensors.torch import _TYPES as _ST_NAMES
+except ImportError:  # pragma: no cover - older safetensors
+    _ST_NAMES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool}
+_ST_DTYPES = {dtype: code for code, dtype in _ST_NAMES.items()}
+# Bytes handed to hashlib / write() per call: each call releases the GIL once, so few large calls keep a
+# background write moving even while the training thread runs Python.
+_CHUNK = 64 << 20
 
 
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
@@ -343,6 +367,11 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: d
     is built in memory and the GIL is released while bytes are hashed and written: a background snapshot
     then does not stall the training thread.
     """
+    return _write_planned(path, *_plan_safetensors(tensors, metadata))
+
+
+def _plan_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[bytes, list[torch.Tensor]]:
+    """The file's header (length prefix included) and each tensor's bytes as a flat uint8 view, in file order."""
     for name, t in tensors.items():
         if t.dtype not in _ST_DTYPES:
             raise SnapshotError(f"cannot store {name}: dtype {t.dtype} has no safetensors code")
@@ -350,30 +379,47 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: d
     order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
+    raws = []
     for name in order:
         t = tensors[name]
         size = t.numel() * t.element_size()
         header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
         offset += size
+        if size:
+            raws.append(t.contiguous().reshape(-1).view(torch.uint8))
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
-    digest = hashlib.sha256()
+    return len(head).to_bytes(8, "little") + head, raws
+
+
+def _write_planned(path: Path, head: bytes, raws: list[torch.Tensor]) -> str:
+    digest = hashlib.sha256(head)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        for chunk in (len(head).to_bytes(8, "little"), head):
-            digest.update(chunk)
-            f.write(chunk)
-        for name in order:
-            t = tensors[name].contiguous()
-            if t.numel():
-                data = memoryview(t.reshape(-1).view(torch.uint8).numpy())
-                digest.update(data)
-                f.write(data)
+        f.write(head)
+        for chunk in _byte_chunks(raws):
+            data = memoryview(chunk.numpy())
+            digest.update(data)
+            f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
     return digest.hexdigest()
+
+
+def _byte_chunks(raws: list[torch.Tensor]):
+    """Flat uint8 tensors in order, small ones concatenated into chunks of about ``_CHUNK`` bytes."""
+    batch: list[torch.Tensor] = []
+    size = 0
+    for raw in raws:
+        batch.append(raw)
+        size += raw.numel()
+        if size >= _CHUNK:
+            yield torch.cat(batch) if len(batch) > 1 else batch[0]
+            batch, size = [], 0
+    if batch:
+        yield torch.cat(batch) if len(batch) > 1 else batch[0]
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -28,11 +28,13 @@ def capture_state(
         if not isinstance(t, torch.Tensor):
             skipped.append(name)
             continue
-        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-        if t.numel() and key in seen:
-            aliases[f"model.{name}"] = seen[key]
-            continue
-        seen[key] = f"model.{name}"
+        if not t.is_sparse:  # sparse tensors have no single storage to alias
+            key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(),
+                   t.dtype)
+            if t.numel() and key in seen:
+                aliases[f"model.{name}"] = seen[key]
+                continue
+            seen[key] = f"model.{name}"
         _put(tensors, sparse, f"model.{name}", t, copy)
     scalars: dict[str, dict[str, Any]] = {}
     sequences: dict[str, dict[str, Any]] = {}

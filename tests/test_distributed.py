@@ -126,14 +126,14 @@ def test_failed_shard_write_on_one_rank_commits_nothing(groups2, tmp_path):
 
             def initialize(*args, **kwargs):
                 init(*args, **kwargs)
-                write = ctl.store._write_shard
+                write = ctl.store._shard_job
 
                 def flaky(step, *a, **k):
                     if step == 15:
                         raise OSError(28, "No space left on device")
                     return write(step, *a, **k)
 
-                ctl.store._write_shard = flaky
+                ctl.store._shard_job = flaky
 
             ctl.initialize = initialize
         inject = poison("0.weight")

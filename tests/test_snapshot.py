@@ -309,7 +309,7 @@ def test_write_error_leaves_no_marker_and_earlier_snapshot_restorable(tmp_path, 
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(store, "_write_shard", boom)
+    monkeypatch.setattr(store, "_shard_job", boom)
     assert disk_save(store, model, opt, 20) is False
     monkeypatch.undo()
     assert not (store.step_dir(20) / MARKER).exists()
@@ -496,3 +496,23 @@ def test_own_safetensors_writer_is_readable_by_safetensors(tmp_path):
     back = load_file(tmp_path / "x.safetensors")
     assert set(back) == set(tensors)
     assert all(torch.equal(back[k], tensors[k]) and back[k].dtype == tensors[k].dtype for k in tensors)
+
+
+def test_every_safetensors_dtype_and_sparse_model_state_can_be_snapshotted(tmp_path):
+    from safetensors.torch import _TYPES
+
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+            for i, dtype in enumerate(_TYPES.values()):
+                self.register_buffer(f"b{i}", torch.zeros(3).to(dtype))
+            self.register_buffer("sp", torch.eye(3).to_sparse())
+
+    model = Odd()
+    tensors, meta = capture_state(model, None, copy=True)
+    store = SnapshotStore(tmp_path, LocalComm())
+    assert store.save(1, tensors=tensors, meta=meta), store.last_error
+    prepared = store.prepare(1)
+    restore_state(prepared.tensors, prepared.meta, model, None)
+    assert model.sp.is_sparse and torch.equal(model.sp.to_dense(), torch.eye(3))
