@@ -22,35 +22,29 @@ _FP_MOD = 1 << 52
 
 
 @torch.no_grad()
-def max_abs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Max |x| over all tensors as a 0-d float32 tensor (NaN if any element is NaN); no host sync."""
+def _largest_norm(tensors: Sequence[torch.Tensor], ord: float) -> torch.Tensor:
+    """Largest per-tensor ``ord``-norm as a 0-d float32 tensor on the first tensor's device; no host sync."""
     if not tensors:
         return torch.zeros(())
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for t in tensors:
         by_device.setdefault(t.device, []).append(t)
     first = tensors[0].device
-    parts = []
-    for group in by_device.values():
-        # dtype= makes the fused kernel emit float32 norms for every input dtype: no per-tensor casts.
-        norms = torch._foreach_norm(group, math.inf, dtype=torch.float32)
-        parts.append(torch.stack(norms).max().to(first))
+    # dtype= makes the fused kernel emit float32 norms for every input dtype: no per-tensor casts.
+    parts = [torch.stack(torch._foreach_norm(g, ord, dtype=torch.float32)).max().to(first)
+             for g in by_device.values()]
     # max() propagates NaN, which is exactly the signal we want to keep.
     return torch.stack(parts).max() if len(parts) > 1 else parts[0]
 
 
-@torch.no_grad()
+def max_abs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Max |x| over all tensors (NaN if any element is NaN); no host sync."""
+    return _largest_norm(tensors, math.inf)
+
+
 def norm_max(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Largest per-tensor L2 norm as a 0-d float32 tensor (NaN/Inf if any element is); no host sync."""
-    if not tensors:
-        return torch.zeros(())
-    by_device: dict[torch.device, list[torch.Tensor]] = {}
-    for t in tensors:
-        by_device.setdefault(t.device, []).append(t)
-    first = tensors[0].device
-    parts = [torch.stack(torch._foreach_norm(g, 2.0, dtype=torch.float32)).max().to(first)
-             for g in by_device.values()]
-    return torch.stack(parts).max() if len(parts) > 1 else parts[0]
+    """Largest per-tensor L2 norm (NaN/Inf if any element is); no host sync."""
+    return _largest_norm(tensors, 2.0)
 
 
 def screen(tensors: Sequence[torch.Tensor], norm: float, threshold: float) -> tuple[bool, bool]:
