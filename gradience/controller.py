@@ -284,8 +284,7 @@ class GradienceController:
         elif decision.action is Action.ROLLBACK:
             self._rollback(step, verdict, decision)
         elif decision.action is Action.HALT:
-            self.telemetry.emit("abort", step=step, reason=decision.reason, faulty_ranks=verdict.faulty_ranks,
-                                total_rollbacks=self.state.total_rollbacks)
+            self._emit_halt(step, verdict, decision)
 
     def _snapshot(self, step: int, *, background: bool = False) -> bool | None:
         """Snapshot ``step``: committed now, or (``background``) written in a thread and committed
@@ -344,6 +343,9 @@ class GradienceController:
                                 local_ok=prepared is not None)
             self.state, decision = policy.on_restore_failed(self.state, target, self.config)
             self.store.prune(self.state.committed)
+        self._emit_halt(step, verdict, decision)
+
+    def _emit_halt(self, step: int, verdict: Verdict, decision: Decision) -> None:
         self.telemetry.emit("abort", step=step, reason=decision.reason, faulty_ranks=verdict.faulty_ranks,
                             total_rollbacks=self.state.total_rollbacks)
 
@@ -357,8 +359,7 @@ class GradienceController:
         if not self._collective(agree_all, self.comm, error is None):
             where = f"on this rank: {type(error).__name__}: {error}" if error else "on another rank"
             self.state = dataclasses.replace(self.state, halted=True, halt_reason=Reason.NO_GOOD_SNAPSHOT)
-            self.telemetry.emit("abort", step=step, reason="RESTORE_FAILED", error=where)
-            self.telemetry.write_summary(self.summary())
+            self._emit_fatal(step, "RESTORE_FAILED", where)
             raise SnapshotError(f"restoring snapshot {prepared.step} failed {where}") from error
 
     def _restore(self, prepared: Any) -> None:
@@ -394,9 +395,13 @@ class GradienceController:
             return fn(*args)
         except ConsensusTimeout as e:
             self._aborted = "CONSENSUS_TIMEOUT"
-            self.telemetry.emit("abort", step=self.last_step, reason="CONSENSUS_TIMEOUT", error=str(e))
-            self.telemetry.write_summary(self.summary())
+            self._emit_fatal(self.last_step, "CONSENSUS_TIMEOUT", str(e))
             raise
+
+    def _emit_fatal(self, step: int | None, reason: str, error: str) -> None:
+        """An error that stops every rank: the event, and a summary that says ABORTED (the caller raises)."""
+        self.telemetry.emit("abort", step=step, reason=reason, error=error)
+        self.telemetry.write_summary(self.summary())
 
     def _weights_fingerprint(self) -> str | None:
         if self.model is None:

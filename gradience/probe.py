@@ -76,11 +76,6 @@ def persistent_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
     return out
 
 
-def weight_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
-    """Parameters and persistent floating-point buffers."""
-    return parameters(model) + persistent_buffers(model)
-
-
 def grad_tensors(params: Iterable[torch.nn.Parameter]) -> list[torch.Tensor]:
     """Gradients that exist; a sparse gradient contributes its stored values."""
     out = []

@@ -96,23 +96,13 @@ class SnapshotStore:
             shutil.rmtree(self.root, ignore_errors=True)
         agree_all(self.comm, True)  # nobody writes before rank 0 has cleared the directory
 
-    def save(
-        self,
-        step: int,
-        *,
-        tensors: dict[str, torch.Tensor] | None = None,
-        meta: dict[str, Any] | None = None,
-        save_fn: Callable[[str], None] | None = None,
-        capture: Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None,
-    ) -> bool:
-        """*Collective.* Write this rank's shard and commit the snapshot if every rank succeeded.
+    def save(self, step: int, **shard: Any) -> bool:
+        """*Collective.* :meth:`begin` (in the foreground, same keywords) then :meth:`finish`.
 
-        The shard is ``tensors``, or what ``capture()`` returns (tensors, extra metadata) — called inside the
-        failure handling, so a rank whose capture raises still joins the agreement — or what ``save_fn(path)``
-        writes. Returns True when committed. On failure nothing is committed, this rank's shard is removed,
+        Returns True when committed. On failure nothing is committed, this rank's shard is removed,
         earlier snapshots stay the rollback targets and ``last_error`` holds this rank's exception, if any.
         """
-        self.begin(step, tensors=tensors, meta=meta, save_fn=save_fn, capture=capture)
+        self.begin(step, **shard)
         return self.finish()
 
     def begin(
@@ -127,7 +117,9 @@ class SnapshotStore:
     ) -> None:
         """*Local.* Capture now and write this rank's shard, in a background thread if ``background``.
 
-        ``capture`` must return copies that later training steps do not modify. :meth:`finish` (collective)
+        The shard is ``tensors``, or what ``capture()`` returns (tensors, extra metadata) — called inside the
+        failure handling, so a rank whose capture raises still joins the agreement — or what ``save_fn(path)``
+        writes. With ``background``, ``capture`` must return copies that later training steps do not modify. :meth:`finish` (collective)
         commits the snapshot, :meth:`abandon` drops it; one snapshot is in flight at a time.
         """
         if self._pending is not None:
