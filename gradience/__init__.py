@@ -3,10 +3,13 @@
 Probe every rank every step, agree on one verdict, act (skip, snapshot, roll back, halt), report.
 """
 
+from gradience.comm import exit_process
 from gradience.config import GradienceConfig
 from gradience.controller import GradienceController
 from gradience.errors import (
     EXIT_GUARD_HALTED,
+    CollectiveError,
+    CollectiveMismatch,
     ConfigError,
     ConsensusTimeout,
     GradienceError,
@@ -20,6 +23,8 @@ __version__ = "0.1.0"
 __all__ = [
     "EXIT_GUARD_HALTED",
     "Action",
+    "CollectiveError",
+    "CollectiveMismatch",
     "ConfigError",
     "ConsensusTimeout",
     "Decision",
@@ -34,6 +39,7 @@ __all__ = [
     "SnapshotError",
     "Verdict",
     "__version__",
+    "exit_process",
 ]
 
 

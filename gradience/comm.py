@@ -1,19 +1,44 @@
 """The only module that imports torch.distributed: the Comm seam every collective goes through.
 
 ``LocalComm`` is the world-size-1 identity. ``TorchComm`` wraps a process group (the default one or a
-user-supplied subgroup, gloo or NCCL) and gives every collective a deadline, so a dead or stalled peer
-surfaces as :class:`ConsensusTimeout` instead of a hang.
+user-supplied subgroup, gloo or NCCL) and owns three promises:
+
+- **a deadline on every collective**: a dead or stalled peer surfaces as :class:`ConsensusTimeout`. The guard
+  runs its collectives on a group of its own, created with ``timeout=collective_timeout_s``, because
+  ``work.wait(timeout)`` does not cancel an abandoned gloo all-reduce: the worker thread stays inside it until
+  the *group's* timeout (30 min for the default group), and the process cannot exit before it does.
+- **no silent mismatch**: every collective starts with a fixed-length frame whose header carries the call
+  kind, the caller's step label and a per-comm call counter, each sent as (x, -x) so that MAX reveals any
+  difference between ranks. Ranks in different calls get :class:`CollectiveMismatch`, naming both sides,
+  instead of MAX-ing one rank's gradient check with another's weight check (or aborting inside gloo on a
+  length mismatch: every first exchange has the same length).
+- **refusal after failure**: once a collective failed, every later call raises at once, without a
+  collective, so a loop that catches the error cannot pair a late all-reduce with an abandoned one.
+
+:func:`exit_process` is the one robust way for a script that used torch.distributed to end (see its docstring).
 """
 
 from __future__ import annotations
 
 import datetime
+import gc
+import logging
+import os
+import sys
 import time
 from typing import Protocol, runtime_checkable
 
 import torch
 
-from gradience.errors import ConsensusTimeout
+from gradience.errors import CollectiveMismatch, ConfigError, ConsensusTimeout
+
+logger = logging.getLogger("gradience")
+# Set once any guard collective failed in this process: exit_process() must not wait for a dead peer.
+_FAILED = False
+
+#: Call kinds in the header (codes > 0; 0 would be indistinguishable from padding).
+KINDS = ("check:grads", "check:step", "agree", "digests", "broadcast", "verify", "lock")
+_HDR = 6  # (kind, -kind, step, -step, seq, -seq)
 
 
 @runtime_checkable
@@ -24,7 +49,7 @@ class Comm(Protocol):
     world_size: int
     device: torch.device
 
-    def all_reduce_max(self, values: torch.Tensor) -> torch.Tensor:
+    def all_reduce_max(self, values: torch.Tensor, *, kind: str = "agree", step: int | None = None) -> torch.Tensor:
         """Element-wise MAX over ranks of a 1-D float tensor (on any device); returns a CPU float64 tensor."""
         ...
 
@@ -35,14 +60,58 @@ class LocalComm:
     rank = 0
     world_size = 1
     device = torch.device("cpu")
+    global_ranks = (0,)
+    broken: str | None = None
 
-    def all_reduce_max(self, values: torch.Tensor) -> torch.Tensor:
+    def all_reduce_max(self, values: torch.Tensor, *, kind: str = "agree", step: int | None = None) -> torch.Tensor:
         """Identity (copied to CPU float64)."""
         return values.detach().to("cpu", torch.float64)
 
+    def broadcast_(self, tensors: list[torch.Tensor], src: int = 0) -> None:
+        """Overwrite dense ``tensors`` on every rank with ``src``'s, bitwise (in place; one framed size check,
+        then one byte broadcast; same deadline and refusal rules)."""
+        import torch.distributed as dist
+
+        raws = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+        total = sum(r.numel() for r in raws)
+        sizes = self.all_reduce_max(torch.tensor([total, -total], dtype=torch.float64), kind="broadcast")
+        if sizes[0] != -sizes[1]:
+            self._break("broadcast: ranks hold states of different sizes")
+            raise CollectiveMismatch(f"broadcast from rank {src}: ranks hold {-sizes[1]:g} to {sizes[0]:g} bytes of "
+                                     "state; they are not replicas of one model")
+        flat = torch.cat(raws).to(self.device) if raws else torch.zeros(0, dtype=torch.uint8, device=self.device)
+        opts = dist.BroadcastOptions()
+        opts.rootRank = src
+        try:
+            self._wait(self.group.broadcast([flat], opts))
+        except ConsensusTimeout as e:
+            self._break(f"broadcast: {e}")
+            raise
+        except RuntimeError as e:
+            self._break(f"broadcast: {e}")
+            raise ConsensusTimeout(f"broadcast on rank {self.rank}/{self.world_size} failed: {e}") from e
+        offset = 0
+        for t, r in zip(tensors, raws, strict=True):
+            n = r.numel()
+            piece = flat[offset:offset + n].to(t.device, copy=True)  # a fresh, aligned buffer for view(dtype)
+            offset += n
+            t.detach().copy_(piece.view(t.dtype).view(t.shape))
+
+    def close(self) -> None:
+        """Nothing to release."""
+
 
 class TorchComm:
-    """A torch.distributed process group with a deadline on every collective."""
+    """A torch.distributed process group with a deadline, a mismatch check and a refusal after failure.
+
+    Args:
+        group: the group to agree over (default: the default group).
+        timeout_s: deadline of every collective.
+        device: where the reduction runs (default: the current CUDA device for NCCL, else CPU).
+        own_group: run the guard's collectives on a group of its own over the same ranks (see the module
+            docstring). Only possible for groups registered with torch.distributed; threaded test groups are
+            used as they are.
+    """
 
     def __init__(
         self,
@@ -50,6 +119,7 @@ class TorchComm:
         *,
         timeout_s: float = 300.0,
         device: torch.device | str | None = None,
+        own_group: bool = True,
     ) -> None:
         import torch.distributed as dist
 
@@ -57,34 +127,135 @@ class TorchComm:
             if not (dist.is_available() and dist.is_initialized()):
                 raise RuntimeError("TorchComm needs an initialized torch.distributed default group or a group")
             group = dist.group.WORLD
-        self.group = group
-        # Threaded test groups are not registered with the default world; use the group's own view.
-        self.rank = group.rank()
-        self.world_size = group.size()
+        if not hasattr(group, "rank") or not callable(group.rank):
+            # dist.new_group() hands non-members the int GroupMember.NON_GROUP_MEMBER.
+            me = dist.get_rank() if dist.is_initialized() else "?"
+            raise ConfigError(f"process_group: global rank {me} is not a member of the group it was given "
+                              f"({group!r}); pass each rank the group that contains it")
         self.timeout_s = float(timeout_s)
+        self.global_ranks = _global_ranks(group)
         if device is None:
             device = _default_device(group)
         self.device = torch.device(device)
+        self.owned = False
+        if own_group and _registered(group):
+            backend = str(dist.get_backend(group))
+            # Only the members call new_group (use_local_synchronization): a subgroup's peers in other groups
+            # never enter this constructor.
+            group = dist.new_group(list(self.global_ranks), timeout=datetime.timedelta(seconds=self.timeout_s),
+                                   backend=backend, use_local_synchronization=True)
+            self.owned = True
+        self.group = group
+        self.rank = group.rank()
+        self.world_size = group.size()
+        #: Why the comm refuses every call (a failed or mismatched collective), None while healthy.
+        self.broken: str | None = None
+        self._seq = 0
+        # Every first exchange has this many payload slots: the consensus vector (about 16 + world size)
+        # fits; longer payloads follow in a second exchange once the header matched.
+        self.frame = max(64, self.world_size + 32)
 
-    def all_reduce_max(self, values: torch.Tensor) -> torch.Tensor:
-        """MAX all-reduce with a deadline of ``timeout_s``; raises ConsensusTimeout when it passes."""
+    def all_reduce_max(self, values: torch.Tensor, *, kind: str = "agree", step: int | None = None) -> torch.Tensor:
+        """MAX all-reduce with a deadline of ``timeout_s``.
+
+        Raises ConsensusTimeout when the deadline passes or the group fails, CollectiveMismatch when the
+        ranks are not in the same call (kind, step label, call count), and ConsensusTimeout at once, without
+        a collective, after any earlier failure.
+        """
+        self._refuse_if_broken()
+        self._seq += 1
+        code = KINDS.index(kind) + 1
+        values = values.detach().reshape(-1).to(self.device, torch.float64)
+        n = values.numel()
+        label = float(step) if step is not None else 0.0
+        frame = torch.zeros(_HDR + self.frame, dtype=torch.float64, device=self.device)
+        frame[:_HDR] = torch.tensor([code, -code, label, -label, self._seq, -self._seq], dtype=torch.float64)
+        inline = n <= self.frame
+        if inline:
+            frame[_HDR:_HDR + n] = values
+        out = self._reduce(frame, kind)
+        head = out[:_HDR].tolist()
+        if head[0] != -head[1] or head[2] != -head[3] or head[4] != -head[5]:
+            self._mismatch(kind, step, head)
+        if inline:
+            return out[_HDR:_HDR + n].to("cpu")
+        return self._reduce(values.clone(), kind).to("cpu")
+
+    def broadcast_(self, tensors: list[torch.Tensor], src: int = 0) -> None:
+        """Overwrite ``tensors`` on every rank with ``src``'s (in place, same deadline and refusal rules)."""
+        self._refuse_if_broken()
         import torch.distributed as dist
 
-        buf = values.detach().to(self.device, torch.float64)
-        buf = buf.clone()
+        for t in tensors:
+            buf = t.detach() if t.device == self.device else t.detach().to(self.device)
+            flat = buf.contiguous()
+            if flat.dtype == torch.bool:
+                flat = flat.view(torch.uint8)
+            opts = dist.BroadcastOptions()
+            opts.rootRank = src
+            try:
+                self._wait(self.group.broadcast([flat], opts))
+            except ConsensusTimeout as e:
+                self._break(f"broadcast: {e}")
+                raise
+            except RuntimeError as e:
+                self._break(f"broadcast: {e}")
+                raise ConsensusTimeout(f"broadcast on rank {self.rank}/{self.world_size} failed: {e}") from e
+            if flat.data_ptr() != t.data_ptr():
+                t.detach().copy_(flat.view(t.dtype) if t.dtype == torch.bool else flat)
+
+    def close(self) -> None:
+        """Destroy the guard's own group, unless a collective failed (a destroy could then wait for a peer)."""
+        if self.owned and self.broken is None:
+            import torch.distributed as dist
+
+            try:
+                dist.destroy_process_group(self.group)
+            except Exception as e:  # already destroyed with the default group, or torch shut down
+                logger.debug("Gradience: destroying the guard's process group failed: %s", e)
+            self.owned = False
+
+    # ---- internals
+    def _refuse_if_broken(self) -> None:
+        if self.broken is not None:
+            raise ConsensusTimeout(f"the guard's collectives stopped after an earlier failure ({self.broken})")
+
+    def _break(self, why: str) -> None:
+        global _FAILED
+        self.broken = why
+        _FAILED = True
+
+    def _reduce(self, buf: torch.Tensor, kind: str) -> torch.Tensor:
+        import torch.distributed as dist
+
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.MAX
         try:
-            work = self.group.allreduce([buf], opts)
-            self._wait(work)
-        except ConsensusTimeout:
+            self._wait(self.group.allreduce([buf], opts))
+        except ConsensusTimeout as e:
+            self._break(f"{kind}: {e}")
             raise
         except RuntimeError as e:
+            self._break(f"{kind}: {e}")
             raise ConsensusTimeout(
-                f"all_reduce on rank {self.rank}/{self.world_size} failed or timed out after "
+                f"all_reduce ({kind}) on rank {self.rank}/{self.world_size} failed or timed out after "
                 f"{self.timeout_s:g}s (a peer died, stalled or left the loop): {e}"
             ) from e
-        return buf.to("cpu", torch.float64)
+        return buf
+
+    def _mismatch(self, kind: str, step: int | None, head: list[float]) -> None:
+        def name(code: float) -> str:
+            i = int(code) - 1
+            return KINDS[i] if 0 <= i < len(KINDS) else f"kind {code:g}"
+
+        lo_kind, hi_kind = name(-head[1]), name(head[0])
+        sides = (f"calls '{lo_kind}' vs '{hi_kind}'" if lo_kind != hi_kind else f"both in '{kind}'")
+        detail = (f"{sides}; step labels {-head[3]:g} vs {head[2]:g}; call counts {-head[5]:g} vs {head[4]:g}")
+        self._break(f"collective mismatch: {detail}")
+        raise CollectiveMismatch(
+            f"ranks are not making the same Gradience call (rank {self.rank}/{self.world_size} is in '{kind}' at "
+            f"step {step}): {detail}. Every rank must call before_optimizer_step/step the same number of times, "
+            "in the same order, with the same step numbers.")
 
     def _wait(self, work: object) -> None:
         if self.device.type == "cpu":
@@ -103,6 +274,25 @@ class TorchComm:
             pause = min(pause * 2, 1e-3)
 
 
+def _registered(group: object) -> bool:
+    import torch.distributed as dist
+
+    try:
+        dist.get_process_group_ranks(group)
+        return True
+    except Exception:  # threaded groups are unknown to the default world
+        return False
+
+
+def _global_ranks(group: object) -> tuple[int, ...]:
+    import torch.distributed as dist
+
+    try:
+        return tuple(dist.get_process_group_ranks(group))
+    except Exception:  # an unregistered (threaded test) group: its own numbering is all there is
+        return tuple(range(group.size()))
+
+
 def _default_device(group: object) -> torch.device:
     import torch.distributed as dist
 
@@ -116,11 +306,51 @@ def _default_device(group: object) -> torch.device:
 
 
 def default_comm(group: object | None = None, *, timeout_s: float = 300.0) -> Comm:
-    """TorchComm over ``group`` (or the default group when torch.distributed is initialized), else LocalComm."""
+    """TorchComm over ``group`` (or the default group when torch.distributed is initialized), else LocalComm.
+
+    Raises ConfigError when the environment says this is one of several processes (``WORLD_SIZE`` > 1, as
+    ``torchrun`` sets it) but torch.distributed was never initialized: each process would run a guard of its
+    own, agreeing with nobody and writing the same files.
+    """
     import torch.distributed as dist
 
     if group is not None:
         return TorchComm(group, timeout_s=timeout_s)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return TorchComm(timeout_s=timeout_s)
+    if dist.is_available() and dist.is_initialized():
+        return TorchComm(timeout_s=timeout_s) if dist.get_world_size() > 1 else LocalComm()
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:
+        raise ConfigError(
+            f"WORLD_SIZE={world} (set by torchrun or another launcher) but torch.distributed is not initialized: "
+            "call torch.distributed.init_process_group() before GradienceController.initialize(), so the "
+            "ranks agree with each other (or unset WORLD_SIZE for independent single-process runs)")
     return LocalComm()
+
+
+def exit_process(status: int = 0) -> None:
+    """End a process that used torch.distributed, cleanly and at once, with exit status ``status``.
+
+    torch 2.13's gloo backend aborts the interpreter at exit ("terminate called without an active
+    exception", SIGABRT) in a fraction of runs, with or without ``destroy_process_group``: gloo worker threads
+    still hold work objects whose tensors are freed while the interpreter is being torn down. No amount of
+    cleanup before a normal exit closes that window, so this helper destroys the process groups while the
+    interpreter is fully alive (skipped when a collective already failed: a destroy would wait for the dead
+    peer), flushes Python's streams and logging handlers, and leaves with ``os._exit`` — no interpreter
+    finalization, so nothing is freed under a worker thread's feet. Call it as the last statement of a
+    training script (``gradience.exit_process(code)``); ``atexit`` handlers do not run after it.
+    """
+    import torch.distributed as dist
+
+    try:
+        if not _FAILED and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception as e:  # a failed group: leaving is still the right thing to do
+        logger.debug("Gradience: destroy_process_group at exit failed: %s", e)
+    gc.collect()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a closed or broken stream must not keep the process alive
+            pass
+    os._exit(status)

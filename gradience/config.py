@@ -75,13 +75,20 @@ class GradienceConfig:
     collective_timeout_s: float = 300.0
     """Seconds a collective may take before a ConsensusTimeout is raised instead of hanging."""
 
+    probe_error_limit: int = 3
+    """A check whose probe raises this many times in a row (on any rank) is switched off for the rest of the
+    run, on every rank, and reported; a raising probe never rolls back or halts a run."""
+
+    log_all_ranks: bool = False
+    """Log collective decisions (skips, rollbacks, halts) on every rank, not only on group rank 0."""
+
     def __post_init__(self) -> None:
         if isinstance(self.out_dir, os.PathLike):
             object.__setattr__(self, "out_dir", os.fspath(self.out_dir))
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), f.type)
         _positive_int(self, "guard_snapshot_interval", "guard_max_consecutive_skips", "guard_snapshot_keep",
-                      "guard_max_snapshot_failures", "spectral_interval", "telemetry_interval")
+                      "guard_max_snapshot_failures", "spectral_interval", "telemetry_interval", "probe_error_limit")
         _non_negative_int(self, "guard_max_rollbacks", "fingerprint_interval", "redact_max_chars",
                           "guard_snapshot_commit_lag")
         if not (math.isfinite(self.guard_violation_threshold) and self.guard_violation_threshold > 0):

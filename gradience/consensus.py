@@ -1,8 +1,13 @@
 """Agreement: pack a rank's ProbeReport into one vector, ONE all-reduce (MAX), unpack the same Verdict.
 
 Everything is encoded so that MAX is the right reduction: flags are 0/1 (MAX = any), magnitudes are
-non-negative (MAX = worst), a fingerprint is sent as (f, -f) so MAX yields (max f, -min f) and a mismatch
-shows as max != min, and a one-hot slot per rank turns MAX into the set of faulty ranks.
+non-negative (MAX = worst; NaN travels as its own flag, since MAX over NaN is not defined across backends),
+a fingerprint is sent as (f, -f) so MAX yields (max f, -min f) and a mismatch shows as max != min, and a
+one-hot slot per rank turns MAX into the set of faulty ranks. A rank without a fingerprint (its probe raised,
+or it has none this step) sends (-inf, -inf), which MAX ignores, so it cannot fake a divergence.
+
+The comm's frame header carries the phase (call kind) and the step label, so ranks in different checks are
+detected there (:class:`~gradience.errors.CollectiveMismatch`), not MAX-ed together.
 """
 
 from __future__ import annotations
@@ -13,13 +18,14 @@ import math
 import torch
 
 from gradience.comm import Comm
-from gradience.types import ProbeReport, Verdict
+from gradience.types import Phase, ProbeReport, Verdict
 
 _FLAGS = (
     "probe_error",
     "nonfinite_loss",
     "nonfinite_grads",
     "nonfinite_weights",
+    "nonfinite_buffers",
     "violation_loss",
     "violation_grads",
     "violation_weights",
@@ -27,7 +33,8 @@ _FLAGS = (
     "scaler_overflow",
 )
 _MAGS = ("grad_norm", "weight_norm")
-_FP = len(_FLAGS) + len(_MAGS)
+_NAN = len(_FLAGS) + len(_MAGS)  # one "is NaN" flag per magnitude
+_FP = _NAN + len(_MAGS)
 _RANKS = _FP + 2
 
 
@@ -38,10 +45,12 @@ def pack(report: ProbeReport, rank: int, world_size: int) -> torch.Tensor:
         vec[i] = float(getattr(report, name))
     for i, name in enumerate(_MAGS):
         v = getattr(report, name)
-        vec[len(_FLAGS) + i] = v if not math.isnan(v) else math.inf
-    if report.fingerprint is not None:
-        vec[_FP] = report.fingerprint
-        vec[_FP + 1] = -report.fingerprint
+        if math.isnan(v):
+            vec[_NAN + i] = 1.0
+            v = math.inf
+        vec[len(_FLAGS) + i] = v
+    fp = report.fingerprint
+    vec[_FP], vec[_FP + 1] = (fp, -fp) if fp is not None else (-math.inf, -math.inf)
     if report.faulty:
         vec[_RANKS + rank] = 1.0
     return vec
@@ -51,12 +60,14 @@ def unpack(vec: torch.Tensor, report: ProbeReport, world_size: int) -> Verdict:
     """The Verdict encoded by a reduced vector."""
     v = vec.tolist()
     flags = {name: v[i] > 0 for i, name in enumerate(_FLAGS)}
-    mags = {name: v[len(_FLAGS) + i] for i, name in enumerate(_MAGS)}
+    mags = {name: (math.nan if v[_NAN + i] > 0 else v[len(_FLAGS) + i]) for i, name in enumerate(_MAGS)}
+    hi, neg_lo = v[_FP], v[_FP + 1]
     return Verdict(
         phase=report.phase,
         step=report.step,
         world_size=world_size,
-        replica_divergence=v[_FP] != -v[_FP + 1],
+        # Both -inf: nobody sent a fingerprint this step.
+        replica_divergence=math.isfinite(hi) and hi != -neg_lo,
         faulty_ranks=tuple(r for r in range(world_size) if v[_RANKS + r] > 0),
         **flags,
         **mags,
@@ -64,12 +75,16 @@ def unpack(vec: torch.Tensor, report: ProbeReport, world_size: int) -> Verdict:
 
 
 def agree(report: ProbeReport, comm: Comm) -> Verdict:
-    """One all-reduce; every rank returns the same Verdict. Raises ConsensusTimeout if a peer is missing."""
+    """One all-reduce; every rank returns the same Verdict.
+
+    Raises ConsensusTimeout if a peer is missing and CollectiveMismatch if the ranks are in different checks.
+    """
     vec = pack(report, comm.rank, comm.world_size)
     if comm.world_size > 1:
-        vec = comm.all_reduce_max(vec)
+        kind = "check:grads" if report.phase is Phase.GRADS else "check:step"
+        vec = comm.all_reduce_max(vec, kind=kind, step=report.step)
     verdict = unpack(vec, report, comm.world_size)
-    if verdict.replica_divergence:
-        # Which replica is "right" is unknowable, so every rank counts as faulty.
+    if verdict.replica_divergence and not verdict.faulty_ranks:
+        # No rank saw a fault of its own: which replica is "right" is unknowable, so every rank is suspect.
         verdict = dataclasses.replace(verdict, faulty_ranks=tuple(range(comm.world_size)))
     return verdict

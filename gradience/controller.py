@@ -1,7 +1,8 @@
 """GradienceController: runs probe -> consensus -> policy -> effects -> telemetry for any training loop.
 
-The controller owns no policy: it measures (probe), agrees (consensus), asks ``policy.decide`` and carries
-out the Decision (skip, snapshot, rollback with LR backoff, halt), reporting each action to telemetry.
+The controller owns the per-step flow and no policy: it measures (probe), agrees (consensus), asks
+``policy.decide`` and has :mod:`gradience.recovery` carry out snapshots and rollbacks, reporting each action
+to telemetry (which also turns it into a log line).
 """
 
 from __future__ import annotations
@@ -18,15 +19,17 @@ from gradience import policy
 from gradience.comm import Comm, default_comm
 from gradience.config import GradienceConfig
 from gradience.consensus import agree
-from gradience.errors import EXIT_GUARD_HALTED, ConfigError, ConsensusTimeout, SnapshotError
-from gradience.lr import current_lr, scale_lr
-from gradience.probe import bad_parameters, fingerprint_tensor, parameters, probe_grads, probe_step
+from gradience.errors import EXIT_GUARD_HALTED, CollectiveError, ConfigError, SnapshotError
+from gradience.guardrails import ProbeHealth, detect_scaler, install_sigterm, unscale
+from gradience.lr import LRScale, current_lr, unwrap_optimizer, unwrap_scheduler
+from gradience.probe import bad_tensors, fingerprint_tensor, parameters, probe_grads, probe_step
+from gradience.recovery import Recovery, Target, check_backoff_target
+from gradience.rundir import RunLock, snapshot_root
 from gradience.snapshot import SnapshotStore, agree_all
-from gradience.state import capture_state, restore_state
-from gradience.telemetry import Telemetry
+from gradience.telemetry import Telemetry, telemetry_filename
 from gradience.types import Action, Decision, GuardState, Phase, ProbeReport, Reason, Verdict
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 logger = logging.getLogger(__name__)
 
 
@@ -41,14 +44,8 @@ class GradienceController:
         comm: an explicit :class:`~gradience.comm.Comm` (overrides ``process_group``; used by tests).
     """
 
-    def __init__(
-        self,
-        config: GradienceConfig | None = None,
-        *,
-        process_group: Any | None = None,
-        comm: Comm | None = None,
-        **fields: Any,
-    ) -> None:
+    def __init__(self, config: GradienceConfig | None = None, *, process_group: Any | None = None,
+                 comm: Comm | None = None, **fields: Any) -> None:
         base = config or GradienceConfig()
         self.config = base.replace(**fields) if fields else base
         self._group = process_group
@@ -57,18 +54,28 @@ class GradienceController:
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: Any | None = None
-        self._save_fn = self._load_fn = self._get_lr = self._set_lr = None
+        self.lr: LRScale | None = None
         self.store: SnapshotStore | None = None
+        self.recovery: Recovery | None = None
         self.telemetry: Telemetry | None = None
+        #: step() calls so far: the guard's own clock (the loop's step numbers are labels and may repeat).
         self.steps_seen = 0
         self.last_step: int | None = None
         self.last_loss: float | None = None
+        #: Updates the GradScaler skipped for overflow (not faults; see ``before_optimizer_step``).
+        self.scaler_skips = 0
+        self._tick0 = 0
+        self._next_sid = 0
         self._skipped_this_step = False
         self._aborted: str | None = None
         self._monitored_reason: Reason | None = None
-        self._pending_due = 0
-        #: Updates the GradScaler skipped for overflow (not faults; see ``before_optimizer_step``).
-        self.scaler_skips = 0
+        self._scaler: Any | None = None
+        self._scaler_searched = False
+        self._health = ProbeHealth(self.config.probe_error_limit)
+        self._lock: RunLock | None = None
+        self._warned_backoff = False
+        self._prior = self.state
+        self._pending_verified = True
 
     # ------------------------------------------------------------------------------------------ set-up
     def initialize(
@@ -87,41 +94,59 @@ class GradienceController:
         """Attach to a model and take the initial snapshot (collective).
 
         Either pass ``optimizer=`` (and ``scheduler=``) and Gradience snapshots model + optimizer state
-        itself as safetensors and applies LR backoff through the scheduler, or pass ``save_fn(path)`` /
-        ``load_fn(path)`` that write / restore a checkpoint at ``path`` and ``get_lr()`` / ``set_lr(lr)``.
-        ``start_step`` labels the initial snapshot (the step before the first one the loop will report);
-        ``resume=True`` appends to the telemetry files instead of starting them anew. Every rank must call
-        this: the initial snapshot is committed collectively.
+        itself as safetensors and applies the LR backoff where the optimizer consumes the LR, or pass
+        ``save_fn(path)`` / ``load_fn(path)`` that write / restore a checkpoint at ``path`` and ``get_lr()`` /
+        ``set_lr(lr)``. Optimizers and schedulers wrapped by accelerate are unwrapped here. ``start_step``
+        labels the initial snapshot (the step before the first one the loop will report); ``resume=True``
+        appends to the telemetry files instead of starting them anew. Every rank must call this.
         """
+        if self.telemetry is not None:
+            raise RuntimeError("GradienceController.initialize() was already called; use a new controller")
         if (save_fn is None) != (load_fn is None):
             raise ConfigError("initialize: save_fn and load_fn must be given together")
         if (get_lr is None) != (set_lr is None):
             raise ConfigError("initialize: get_lr and set_lr must be given together")
+        optimizer, scheduler = unwrap_optimizer(optimizer), unwrap_scheduler(scheduler)
         guard = self.config.guard_enabled
         if guard and save_fn is None and optimizer is None:
             raise ConfigError("initialize: pass optimizer= (Gradience snapshots it) or save_fn and load_fn")
         if guard and get_lr is None and optimizer is None and self.config.guard_lr_backoff != 1.0:
             raise ConfigError("initialize: LR backoff needs optimizer= or get_lr and set_lr")
         if scheduler is not None and optimizer is None:
-            raise ConfigError("initialize: scheduler= needs optimizer= (the LR backoff scales both)")
+            raise ConfigError("initialize: scheduler= needs optimizer= (the LR backoff goes through it)")
         if guard and save_fn is not None and self.config.guard_snapshot_tier == "memory":
             raise ConfigError("guard_snapshot_tier='memory' stores tensors; use optimizer= instead of save_fn")
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self._save_fn, self._load_fn, self._get_lr, self._set_lr = save_fn, load_fn, get_lr, set_lr
         if self.comm is None:
             self.comm = default_comm(self._group, timeout_s=self.config.collective_timeout_s)
+        comm = self.comm
         out = Path(self.config.out_dir)
-        self.telemetry = Telemetry(out, rank=self.comm.rank, redact_max_chars=self.config.redact_max_chars,
-                                   append=resume)
-        self.telemetry.emit("start", world_size=self.comm.world_size, config=self.config.to_dict())
+        self._lock = self._take_lock(out)
+        self.telemetry = Telemetry(out, rank=self.global_rank, redact_max_chars=self.config.redact_max_chars,
+                                   append=resume, world_size=comm.world_size, group_rank=comm.rank,
+                                   log_all_ranks=self.config.log_all_ranks, summary_writer=comm.rank == 0)
+        self.telemetry.emit("start", world_size=comm.world_size, global_ranks=list(self.global_ranks),
+                            config=self.config.to_dict())
+        self._tick0 = start_step + 1
+        if optimizer is not None and get_lr is None:
+            self.lr = LRScale(optimizer)
+            self.lr.set(self.state.lr_scale)  # a guard state loaded before initialize carries its scale
+        install_sigterm(self)
         if not guard:
             return
-        self.store = SnapshotStore(out / "snapshots", self.comm, tier=self.config.guard_snapshot_tier)
-        self._collective(self.store.reset)
+        self._check_replicas_at_start()
+        root = snapshot_root(out, list(self.global_ranks), world_size=_world_size() or comm.world_size)
+        self.store = SnapshotStore(root, comm, tier=self.config.guard_snapshot_tier, global_rank=self.global_rank)
+        self._collective(None, self.store.reset)
+        target = Target(model, optimizer, save_fn, load_fn, get_lr, set_lr, self.lr)
+        self.recovery = Recovery(self.store, comm, self.telemetry, self.config, target)
         # reset() removed every earlier snapshot: a restored GuardState must not name them as targets.
         self.state = dataclasses.replace(self.state, committed=(), target_failures=(), episode_target=None)
-        if not self._collective(self._snapshot, start_step):
-            raise SnapshotError(f"could not commit the initial snapshot under {out / 'snapshots'}")
+        self._snapshot(start_step, background=False)
+        if not self.state.committed:
+            error = self.store.last_error
+            raise SnapshotError(f"could not commit the initial snapshot under {root}: "
+                                + (f"{type(error).__name__}: {error}" if error else "another rank failed"))
 
     # ------------------------------------------------------------------------------------------ per step
     def before_optimizer_step(
@@ -132,19 +157,23 @@ class GradienceController:
 
         Returns False when this update must not happen; the gradients are then dropped (``p.grad = None``)
         so even an unconditional ``optimizer.step()`` leaves parameters and optimizer state bitwise unchanged.
-        With a ``torch.amp.GradScaler`` pass ``scaler=``: the gradients are unscaled first (``unscale_``, as
-        for clipping) so thresholds apply to true values, and an overflow the scaler will skip anyway is not
-        counted as a fault (``scaler_skipped_steps`` in the summary).
+        With a ``torch.amp.GradScaler`` the gradients are unscaled first (``unscale_``, as for clipping) so
+        thresholds apply to true values, and an overflow the scaler will skip anyway is not counted as a
+        fault (``scaler_skipped_steps``). Pass ``scaler=``; without it the one enabled GradScaler in the
+        process is found and used (a second one is ambiguous and reported).
         """
         self._require_initialized()
-        if not (self.config.guard_enabled and self.config.guard_check_grads) or self.state.halted:
-            return not self.state.halted
+        if self.halted:
+            return False
+        if not (self.config.guard_enabled and self.config.guard_check_grads) or self._health.off(Phase.GRADS):
+            return True
         step = self._next_step() if step is None else step
-        optimizer = optimizer or self.optimizer
+        optimizer = unwrap_optimizer(optimizer) or self.optimizer
         params = _params_of(optimizer, model or self.model)
+        scaler = scaler if scaler is not None else self._detected_scaler()
 
         def probe() -> ProbeReport:
-            overflow = _unscale(scaler, optimizer)
+            overflow = unscale(scaler, optimizer)
             report = probe_grads(params, step=step, threshold=self.config.guard_violation_threshold)
             if overflow:  # inf/NaN explained by the loss scale: the scaler skips this step and lowers it
                 report = dataclasses.replace(report, nonfinite_grads=False, violation_grads=False,
@@ -153,18 +182,20 @@ class GradienceController:
 
         report = self._probe(Phase.GRADS, step, probe)
         verdict = self._agree(report)
+        self._note_probe_errors(Phase.GRADS, step, verdict)
+        self._prior = self.state
         self.state, decision = policy.decide(self.state, verdict, self.config)
         if decision.action is Action.CONTINUE and not verdict.scaler_overflow:
             return True
-        bad = self._bad_grads(report) if decision.reason is not None else []  # before the grads go
+        bad = self._bad(report, grads=True) if decision.reason is not None else None  # before the grads go
         for p in params:
             p.grad = None
         self._skipped_this_step = True
         if decision.action is Action.CONTINUE:
             self.scaler_skips += 1
         elif decision.action is Action.SKIP_STEP:
-            self.telemetry.emit("skip_step", step=step, reason=decision.reason, faulty_ranks=verdict.faulty_ranks,
-                                grad_norm=verdict.grad_norm, local_bad_grads=bad)
+            self.telemetry.emit("skip_step", step=step, reason=decision.reason, **self._blame(verdict),
+                                grad_norm=verdict.grad_norm, bad=bad)
         else:
             self._act(step, verdict, decision)
         return False
@@ -172,46 +203,65 @@ class GradienceController:
     def step(self, step: int, loss: torch.Tensor | float | None, model: torch.nn.Module | None = None) -> bool:
         """Check loss and weights after the optimizer step and act (collective).
 
-        Returns False only when training must stop (faults outlived ``guard_max_rollbacks`` or no good
-        snapshot is left); ``summary.json`` then says why.
+        Returns False only when training must stop (faults outlived ``guard_max_rollbacks``, no good
+        snapshot is left, or a collective failed); ``summary.json`` then says why.
         """
         self._require_initialized()
-        if self.state.halted:
+        if self.halted:
             return False
         model = model or self.model
+        tick = self._tick0 + self.steps_seen
         self.steps_seen += 1
         self.last_step = step
         fp_every = self.config.fingerprint_interval
-        report = self._probe(Phase.STEP, step, lambda: probe_step(
-            loss, model, step=step, threshold=self.config.guard_violation_threshold,
-            update_skipped=self._skipped_this_step, with_fingerprint=bool(fp_every) and step % fp_every == 0))
-        self._skipped_this_step = False
+        # With fingerprints on, every snapshot is of a state verified equal on all replicas.
+        fingerprint = bool(fp_every) and (tick % fp_every == 0 or policy.snapshot_due(tick, self.config))
+        skipped, self._skipped_this_step = self._skipped_this_step, False
+        if self._health.off(Phase.STEP):
+            report = ProbeReport(phase=Phase.STEP, step=step, update_skipped=skipped)
+        else:
+            report = self._probe(Phase.STEP, step, lambda: probe_step(
+                loss, model, step=step, threshold=self.config.guard_violation_threshold,
+                update_skipped=skipped, with_fingerprint=fingerprint))
         self.last_loss = report.loss
-        verdict = self._agree(report)
+        verdict = dataclasses.replace(self._agree(report), tick=tick)
+        self._note_probe_errors(Phase.STEP, step, verdict)
+        self._prior = self.state
         self.state, decision = policy.decide(self.state, verdict, self.config)
         if not self.config.guard_enabled and decision.reason is not self._monitored_reason:
             # Monitor mode: a corrupted run stays faulty every step; report when the condition changes.
             self._monitored_reason = decision.reason
             if decision.reason is not None:
-                self.telemetry.emit("fault", step=step, reason=decision.reason, faulty_ranks=verdict.faulty_ranks)
-        self._act(step, verdict, decision)
+                self.telemetry.emit("fault", step=step, reason=decision.reason, **self._blame(verdict))
+        self._act(step, verdict, decision, verified=fingerprint or not fp_every)
         if step % self.config.telemetry_interval == 0:
             self.telemetry.emit("telemetry", step=step, train_loss=self.last_loss, lr=self._lr(),
                                 lr_scale=self.state.lr_scale, weight_norm=verdict.weight_norm,
                                 spectral_kappa=None, risk_level=None)
-        return not self.state.halted
+        return not self.halted
 
     def finalize(self) -> dict[str, Any]:
-        """Write ``summary.json`` (rank 0) and a ``summary`` event; return the summary dict."""
+        """Write ``summary.json`` (group rank 0) and a ``summary`` event; return the summary dict."""
         self._require_initialized()
-        if self.store is not None and self.store.pending_step is not None:
+        if self.recovery is not None and self.recovery.pending is not None:
             # finalize() is not collective, so an in-flight snapshot cannot be agreed on: drop it.
-            self._abandon_pending(self.last_step if self.last_step is not None else -1)
+            self.recovery.abandon(self.last_step)
         summary = self.summary()
-        self.telemetry.emit("summary", **summary)
         written = self.telemetry.write_summary(summary)
+        self.telemetry.emit("summary", **summary, summary_path=str(self.telemetry.summary_path))
         self.telemetry.close()
+        self.close()
         return written
+
+    def close(self) -> None:
+        """Release what the controller holds (LR hooks, the guard's process group, the out_dir lock)."""
+        if self.lr is not None:
+            self.lr.close()
+        if self.comm is not None and hasattr(self.comm, "close"):
+            self.comm.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # ------------------------------------------------------------------------------------------ reports
     @property
@@ -224,23 +274,40 @@ class GradienceController:
         """0, or :data:`~gradience.errors.EXIT_GUARD_HALTED` when the guard stopped the run."""
         return EXIT_GUARD_HALTED if self.halted else 0
 
+    @property
+    def lr_scale(self) -> float:
+        """The guard's total LR scale (1.0 until a rollback backs it off)."""
+        return self.state.lr_scale
+
+    @property
+    def global_rank(self) -> int:
+        """This process's rank in the default group (its group rank when the group is unregistered)."""
+        return self.global_ranks[self.comm.rank] if self.comm is not None else 0
+
+    @property
+    def global_ranks(self) -> tuple[int, ...]:
+        """Global rank of each member of the guard's group, by group rank."""
+        return tuple(getattr(self.comm, "global_ranks", range(self.comm.world_size))) if self.comm else (0,)
+
     def integrity_status(self) -> str:
         """OK (no fault), RECOVERED (faults handled), ABORTED (halted), FAULTED (faults, guard disabled)."""
-        s = self.state
         if self.halted:
             return "ABORTED"
-        if s.first_fault_step is None:
+        if self.state.first_fault_step is None:
             return "OK"
         return "RECOVERED" if self.config.guard_enabled else "FAULTED"
 
     def summary(self) -> dict[str, Any]:
         """The run summary (what :meth:`finalize` writes)."""
         s = self.state
+        labels = self.recovery.labels if self.recovery is not None else {}
         return {
             "total_steps": self.steps_seen,
             "final_step": self.last_step,
             "final_loss": self.last_loss,
             "world_size": self.comm.world_size if self.comm else 1,
+            "rank": self.comm.rank if self.comm else 0,
+            "global_rank": self.global_rank,
             "guard": {
                 "enabled": self.config.guard_enabled,
                 "integrity_status": self.integrity_status(),
@@ -249,9 +316,12 @@ class GradienceController:
                 "scaler_skipped_steps": self.scaler_skips,
                 "halt_reason": (s.halt_reason.value if s.halt_reason else self._aborted),
                 "lr_scale": s.lr_scale,
+                "lr_backoff_effective": self.lr.supported if self.lr is not None else None,
                 "first_fault_step": s.first_fault_step,
                 "first_fault_ranks": list(s.first_fault_ranks),
-                "snapshots": list(s.committed),
+                "snapshots": [labels.get(sid, sid) for sid in s.committed],
+                "snapshot_ids": list(s.committed),
+                "disabled_checks": self._health.disabled(),
             },
             "spectral": {"final_kappa": None, "final_risk_level": None},
             # Identical on every replica of a healthy data-parallel run (compare the ranks' summary events).
@@ -264,144 +334,189 @@ class GradienceController:
                 "last_step": self.last_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        if state.get("version") != STATE_VERSION:
+        """Restore what :meth:`state_dict` returned, before or after :meth:`initialize`.
+
+        After ``initialize`` the snapshots on record stay those this run committed: the checkpoint's list
+        names snapshots of another run (deleted by ``initialize``), which a rollback could never load.
+        """
+        if state.get("version") not in (1, STATE_VERSION):
             raise ValueError(f"unsupported gradience state version {state.get('version')!r}")
-        self.state = GuardState.from_dict(state["guard_state"])
+        loaded = GuardState.from_dict(state["guard_state"])
+        if self.store is not None:
+            live = self.state
+            loaded = dataclasses.replace(loaded, committed=live.committed, target_failures=live.target_failures,
+                                         episode_target=live.episode_target)
+        self.state = loaded
         self.steps_seen = int(state["steps_seen"])
         self.last_step = state["last_step"]
+        if self.lr is not None:
+            self.lr.set(self.state.lr_scale)
 
     # ------------------------------------------------------------------------------------------ effects
-    def _act(self, step: int, verdict: Verdict, decision: Decision) -> None:
-        if self.store is not None and self.store.pending_step is not None:
-            # Every rank sees the same decisions and steps, so they finish or drop it at the same point.
+    def _act(self, step: int, verdict: Verdict, decision: Decision, *, verified: bool = True) -> None:
+        rec = self.recovery
+        if rec is not None and rec.pending is not None:
+            # Every rank sees the same decisions and ticks, so they finish or drop it at the same point.
             if decision.action in (Action.ROLLBACK, Action.HALT):
-                self._abandon_pending(step)
-            elif decision.action is Action.SNAPSHOT or step >= self._pending_due:
-                self._commit_pending(step)
+                rec.abandon(step)
+            elif decision.action is Action.SNAPSHOT or self.steps_seen >= rec.pending_due:
+                self._commit(step)
         if decision.action is Action.SNAPSHOT:
-            self._snapshot(step, background=self.config.guard_snapshot_commit_lag > 0)
+            self._snapshot(step, background=self.config.guard_snapshot_commit_lag > 0, verified=verified)
         elif decision.action is Action.ROLLBACK:
             self._rollback(step, verdict, decision)
         elif decision.action is Action.HALT:
             self._emit_halt(step, verdict, decision)
 
-    def _snapshot(self, step: int, *, background: bool = False) -> bool | None:
-        """Snapshot ``step``: committed now, or (``background``) written in a thread and committed
-        ``guard_snapshot_commit_lag`` steps later if no rollback comes first."""
-        meta = {"step": step, "rank": self.comm.rank, "world_size": self.comm.world_size,
-                "lr_scale": self.state.lr_scale, "guard_state": self.state.to_dict()}
-        if self._save_fn is not None:
-            self.store.begin(step, meta=meta, save_fn=self._save_fn)
-        else:
-            # A background write reads the copy while training goes on: it must not alias live tensors.
-            copy = self.config.guard_snapshot_tier == "memory" or background
-            self.store.begin(step, meta=meta, capture=lambda: capture_state(self.model, self.optimizer, copy=copy),
-                             background=background)
+    def _snapshot(self, step: int, *, background: bool, verified: bool = True) -> None:
+        sid, self._next_sid = self._next_sid, self._next_sid + 1
+        meta = {"lr_scale": self.state.lr_scale, "guard_state": self.state.to_dict(), "verified": verified,
+                "tick": self._tick0 + self.steps_seen - 1}
+        self.recovery.begin(sid, step, meta, background=background)
+        self._pending_verified = verified
         if background:
-            self._pending_due = step + self.config.guard_snapshot_commit_lag
-            return None
-        return self._commit_pending(step)
+            self.recovery.pending_due = self.steps_seen + self.config.guard_snapshot_commit_lag
+        else:
+            self._commit(step)
 
-    def _commit_pending(self, step: int) -> bool:
-        snap = self.store.pending_step
-        ok = self._collective(self.store.finish)
+    def _commit(self, step: int) -> None:
+        sid, ok = self._collective(step, self.recovery.commit, step)
         if ok:
-            self.state = policy.on_snapshot_committed(self.state, snap, self.config)
-            self.store.prune(self.state.committed)
-        error = self.store.last_error
-        if not ok:
-            logger.warning("Gradience: snapshot of step %d was not committed (%s); the rollback target stays at "
-                           "step %s", snap, f"{type(error).__name__}: {error}" if error else "another rank failed",
-                           self.state.committed[-1] if self.state.committed else None)
-        self.telemetry.emit("snapshot", step=snap, committed=ok, committed_at=step,
-                            tier=self.config.guard_snapshot_tier, path=str(self.store.step_dir(snap)) if ok else None,
-                            local_error=f"{type(error).__name__}: {error}" if error else None)
-        return ok
-
-    def _abandon_pending(self, step: int) -> None:
-        snap = self.store.abandon()
-        if snap is not None:
-            self.telemetry.emit("snapshot", step=snap, committed=False, committed_at=None,
-                                tier=self.config.guard_snapshot_tier, path=None,
-                                local_error=f"abandoned at step {step}: a fault came before its commit")
+            self.state = policy.on_snapshot_committed(self.state, sid, self.config, verified=self._pending_verified)
+            self._collective(step, self.recovery.prune, self.state.committed)
 
     def _rollback(self, step: int, verdict: Verdict, decision: Decision) -> None:
         first_reason = decision.reason
-        bad = self._bad_weights(verdict)  # before the restore overwrites the evidence
+        bad = self._bad(None, grads=False) if self.comm.rank in verdict.faulty_ranks else None
         while decision.action is Action.ROLLBACK:
-            target = decision.target_step
-            prepared = self.store.prepare(target)
-            if self._collective(agree_all, self.comm, prepared is not None):
+            sid = decision.target_step
+            prepared, local_ok = self._collective(step, self.recovery.prepare_everywhere, sid)
+            if prepared is not None:
                 self._restore_everywhere(step, prepared)
+                if verdict.replica_divergence:
+                    self._collective(step, self.recovery.repair_replicas)
                 self.telemetry.emit(
-                    "rollback_success", step=step, to_step=target, reason=first_reason, lr=self._lr(),
-                    lr_scale=self.state.lr_scale, faulty_ranks=verdict.faulty_ranks,
-                    local_bad_params=bad, total_rollbacks=self.state.total_rollbacks)
+                    "rollback_success", step=step, to_step=self.recovery.labels.get(sid), to_snapshot=sid,
+                    reason=first_reason, lr=self._lr(), lr_scale=self.state.lr_scale, **self._blame(verdict),
+                    bad=bad, total_rollbacks=self.state.total_rollbacks,
+                    replicas_repaired=verdict.replica_divergence)
+                self._warn_backoff(step)
                 return
-            self.telemetry.emit("rollback_failed", step=step, to_step=target, reason="SNAPSHOT_UNREADABLE",
-                                local_ok=prepared is not None)
-            self.state, decision = policy.on_restore_failed(self.state, target, self.config)
-            self.store.prune(self.state.committed)
+            self.telemetry.emit("rollback_failed", step=step, to_step=self.recovery.labels.get(sid), to_snapshot=sid,
+                                reason="SNAPSHOT_UNREADABLE", local_ok=local_ok)
+            self.state, decision = policy.on_restore_failed(self.state, sid, self.config)
+            self._collective(step, self.recovery.prune, self.state.committed)
+        # Nothing was restored: no rollback happened and no LR was backed off.
+        s = self.state
+        self.state = dataclasses.replace(self._prior, committed=s.committed, target_failures=s.target_failures,
+                                         first_fault_step=s.first_fault_step, first_fault_ranks=s.first_fault_ranks,
+                                         halted=True, halt_reason=s.halt_reason)
         self._emit_halt(step, verdict, decision)
 
     def _emit_halt(self, step: int, verdict: Verdict, decision: Decision) -> None:
-        self.telemetry.emit("abort", step=step, reason=decision.reason, faulty_ranks=verdict.faulty_ranks,
+        self.telemetry.emit("abort", step=step, reason=decision.reason, **self._blame(verdict),
                             total_rollbacks=self.state.total_rollbacks)
 
     def _restore_everywhere(self, step: int, prepared: Any) -> None:
         """Restore on this rank, then agree that every rank managed; a failure anywhere stops every rank."""
         error = None
         try:
-            self._restore(prepared)
+            self.recovery.restore(prepared, self.state.lr_scale)
         except Exception as e:  # the model may be half-restored: no rank may train on
             error = e
-        if not self._collective(agree_all, self.comm, error is None):
+        if not self._collective(step, agree_all, self.comm, error is None):
             where = f"on this rank: {type(error).__name__}: {error}" if error else "on another rank"
-            self.state = dataclasses.replace(self.state, halted=True, halt_reason=Reason.NO_GOOD_SNAPSHOT)
+            self.state = dataclasses.replace(self.state, halted=True, halt_reason=Reason.RESTORE_FAILED)
             self._emit_fatal(step, "RESTORE_FAILED", where)
             raise SnapshotError(f"restoring snapshot {prepared.step} failed {where}") from error
-
-    def _restore(self, prepared: Any) -> None:
-        factor = self.config.guard_lr_backoff
-        optimizer = self.optimizer
-        # The LR in force now (schedule position x current scale); a restore must not rewind it.
-        lrs = [g["lr"] for g in optimizer.param_groups] if optimizer is not None else None
-        lr = self._get_lr() if optimizer is None and self._get_lr is not None else None
-        if self._load_fn is not None:
-            self._load_fn(str(prepared.path))
-        else:
-            restore_state(prepared.tensors, prepared.meta, self.model, optimizer)
-        if optimizer is not None:
-            for group, value in zip(optimizer.param_groups, lrs, strict=True):
-                group["lr"] = value
-            scale_lr(optimizer, self.scheduler, factor)
-        elif self._set_lr is not None:
-            self._set_lr(lr * factor)
 
     # ------------------------------------------------------------------------------------------ plumbing
     def _probe(self, phase: Phase, step: int, fn: Callable[[], ProbeReport]) -> ProbeReport:
         try:
             return fn()
         except Exception as e:  # a raising probe must still take part in the collective
-            self.telemetry.emit("probe_error", step=step, phase=phase, error=f"{type(e).__name__}: {e}")
+            self._health.last_error = f"{type(e).__name__}: {e}"
             return ProbeReport(phase=phase, step=step, probe_error=True)
 
-    def _agree(self, report: ProbeReport) -> Verdict:
-        return self._collective(agree, report, self.comm)
+    def _note_probe_errors(self, phase: Phase, step: int, verdict: Verdict) -> None:
+        """A probe that raises is a defect of the guard, not a fault of the run: report it, and after
+        ``probe_error_limit`` in a row on any rank stop that check on every rank (the count is agreed)."""
+        event = self._health.record(phase, verdict.probe_error)
+        if event is not None:
+            self.telemetry.emit("probe_error", step=step, phase=phase, **self._blame(verdict), **event)
 
-    def _collective(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def _agree(self, report: ProbeReport) -> Verdict:
+        return self._collective(report.step, agree, report, self.comm)
+
+    def _collective(self, step: int | None, fn: Callable[..., Any], *args: Any) -> Any:
         try:
             return fn(*args)
-        except ConsensusTimeout as e:
-            self._aborted = "CONSENSUS_TIMEOUT"
-            self._emit_fatal(self.last_step, "CONSENSUS_TIMEOUT", str(e))
+        except CollectiveError as e:
+            self._aborted = "COLLECTIVE_MISMATCH" if "mismatch" in type(e).__name__.lower() else "CONSENSUS_TIMEOUT"
+            self._emit_fatal(step, self._aborted, str(e))
             raise
 
     def _emit_fatal(self, step: int | None, reason: str, error: str) -> None:
-        """An error that stops every rank: the event, and a summary that says ABORTED (the caller raises)."""
+        """An error that stops every rank: the event, and summaries that say ABORTED (the caller raises).
+
+        Every rank writes its own ``summary_rank<r>.json``, and group rank 0 ``summary.json`` too: the rank
+        that died may be rank 0."""
         self.telemetry.emit("abort", step=step, reason=reason, error=error)
-        self.telemetry.write_summary(self.summary())
+        summary = self.summary()
+        self.telemetry.write_summary(summary, name=f"summary_rank{self.global_rank}.json", force=True)
+        self.telemetry.write_summary(summary)
+
+    def terminated(self, signame: str) -> None:
+        """Record that the process is being stopped by a signal (the launcher stops survivors of a failed
+        peer this way): an ABORTED summary for this rank, written before the process goes."""
+        if self.telemetry is None or self.halted:
+            return
+        self._aborted = f"TERMINATED ({signame})"
+        self._emit_fatal(self.last_step, "TERMINATED", f"{signame} received (a launcher stops the surviving "
+                         "ranks this way when a peer fails)")
+
+    def _check_replicas_at_start(self) -> None:
+        """With fingerprints on, the initial snapshot must be of equal replicas too."""
+        if not self.config.fingerprint_interval or self.comm.world_size == 1:
+            return
+        report = ProbeReport(phase=Phase.STEP, step=self._tick0 - 1,
+                             fingerprint=float(fingerprint_tensor(parameters(self.model))))
+        if self._agree(report).replica_divergence:
+            raise ConfigError("fingerprint_interval is on but the replicas' parameters differ at initialize: "
+                              "start every rank from the same weights (DDP broadcasts them when it wraps the model)")
+
+    def _detected_scaler(self) -> Any | None:
+        if not self._scaler_searched and self.optimizer is not None:
+            self._scaler_searched = True
+            self._scaler, note = detect_scaler()
+            if note:
+                logger.warning("Gradience: %s", note)
+        return self._scaler
+
+    def _take_lock(self, out: Path) -> RunLock:
+        error = None
+        lock = RunLock(out, self.global_rank)
+        try:
+            lock.acquire()
+        except ConfigError as e:
+            error = e
+        if not agree_all(self.comm, error is None):  # nobody goes on (or deletes anything) alone
+            if error is None:
+                lock.release()
+            raise error or ConfigError(f"out_dir {out} is in use by another live run (seen by another rank)")
+        return lock
+
+    def _warn_backoff(self, step: int) -> None:
+        why = check_backoff_target(self.recovery.target)
+        if why and not self._warned_backoff:
+            self._warned_backoff = True
+            self.telemetry.emit("lr_backoff_unavailable", step=step, detail=why)
+
+    def _blame(self, verdict: Verdict) -> dict[str, Any]:
+        ranks = list(verdict.faulty_ranks)
+        g = [self.global_ranks[r] for r in ranks if r < len(self.global_ranks)]
+        # Each faulty rank names its own bad tensors ("bad") in its own telemetry file.
+        return {"faulty_ranks": ranks, "faulty_global_ranks": g, "evidence_in": [telemetry_filename(r) for r in g]}
 
     def _weights_fingerprint(self) -> str | None:
         if self.model is None:
@@ -409,27 +524,30 @@ class GradienceController:
         return f"{int(fingerprint_tensor(parameters(self.model))):013x}"
 
     def _lr(self) -> float | None:
-        if self._get_lr is not None:
-            return float(self._get_lr())
+        if self.recovery is not None and self.recovery.target.get_lr is not None:
+            return float(self.recovery.target.get_lr())
+        if self.lr is not None:
+            lrs = [x for x in self.lr.effective_lrs() if x is not None]
+            return lrs[0] if lrs else None
         return current_lr(self.optimizer) if self.optimizer is not None else None
 
     def _next_step(self) -> int:
         return 0 if self.last_step is None else self.last_step + 1
 
-    def _bad_grads(self, report: ProbeReport) -> list[str]:
-        if not report.faulty or self.model is None:
-            return []
-        named = ((n, p.grad) for n, p in self.model.named_parameters())
-        return bad_parameters(named, threshold=self.config.guard_violation_threshold)
-
-    def _bad_weights(self, verdict: Verdict) -> list[str]:
-        if self.comm.rank not in verdict.faulty_ranks or self.model is None:
-            return []
-        return bad_parameters(self.model.named_parameters(), threshold=self.config.guard_violation_threshold)
+    def _bad(self, report: ProbeReport | None, *, grads: bool) -> dict[str, Any] | None:
+        if self.model is None or (report is not None and not report.faulty):
+            return None
+        return bad_tensors(self.model, threshold=self.config.guard_violation_threshold, grads=grads)
 
     def _require_initialized(self) -> None:
         if self.telemetry is None:
             raise RuntimeError("GradienceController.initialize(model, ...) must be called first")
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _params_of(optimizer: torch.optim.Optimizer | None, model: torch.nn.Module | None) -> list[torch.nn.Parameter]:
@@ -438,16 +556,3 @@ def _params_of(optimizer: torch.optim.Optimizer | None, model: torch.nn.Module |
     if model is not None:
         return list(model.parameters())
     raise ValueError("before_optimizer_step needs a model or an optimizer")
-
-
-
-def _unscale(scaler: Any | None, optimizer: torch.optim.Optimizer | None) -> bool:
-    """Unscale the gradients once (as clipping would) and say whether the scaler found inf/NaN."""
-    if scaler is None or optimizer is None or not scaler.is_enabled():
-        return False
-    from torch.amp.grad_scaler import OptState
-
-    state = scaler._per_optimizer_states[id(optimizer)]
-    if state["stage"] is not OptState.UNSCALED:
-        scaler.unscale_(optimizer)
-    return bool(sum(v.item() for v in state["found_inf_per_device"].values()))

@@ -32,12 +32,14 @@ import math
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from gradience.comm import exit_process
 from gradience.config import GradienceConfig
 from gradience.controller import GradienceController
 from gradience.errors import EXIT_GUARD_HALTED, ConfigError
@@ -103,13 +105,16 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
 
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=config.collective_timeout_s))
-    try:
+    if world_size == 1:
         return _run(args, config, rank, world_size, device)
-    finally:
-        if world_size > 1:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+    try:
+        code = _run(args, config, rank, world_size, device)
+    except BaseException:  # noqa: BLE001 - reported here: exit_process() below skips the default report
+        traceback.print_exc()
+        code = 1
+    # A distributed process ends here, through the one exit path that cannot abort in gloo's teardown.
+    exit_process(code)
+    return code  # pragma: no cover - exit_process does not return
 
 
 def build_model(n_embd: int = 64, n_layer: int = 2, n_head: int = 2, seq_len: int = SEQ_LEN) -> torch.nn.Module:

@@ -19,8 +19,16 @@ class SnapshotError(GradienceError):
     """A snapshot could not be written, committed, found or verified."""
 
 
-class ConsensusTimeout(GradienceError):
+class CollectiveError(GradienceError):
+    """A collective of the guard failed; every later guard call refuses (training must stop on every rank)."""
+
+
+class ConsensusTimeout(CollectiveError):
     """A collective did not complete within ``collective_timeout_s``: a peer died, stalled or diverged."""
+
+
+class CollectiveMismatch(CollectiveError):
+    """Ranks made different guard calls (another phase, step or call count): they would agree on nonsense."""
 
 
 class GuardHalted(GradienceError):

@@ -19,6 +19,10 @@ def decide(state: GuardState, verdict: Verdict, config: GradienceConfig) -> tupl
     reason = verdict.fault_reason()
     if reason is None:
         return _healthy(state, verdict, config)
+    if reason is Reason.PROBE_ERROR:
+        # A probe that raised is a defect of the guard, not a fault of the run: rolling back would not cure
+        # it and would break a healthy run again and again. No snapshot either: the state was not checked.
+        return state, Decision(action=Action.CONTINUE, reason=reason, lr_scale=state.lr_scale)
     if state.first_fault_step is None:
         state = dataclasses.replace(
             state, first_fault_step=verdict.step, first_fault_ranks=verdict.faulty_ranks
@@ -40,10 +44,15 @@ def _healthy(state: GuardState, verdict: Verdict, config: GradienceConfig) -> tu
         return state, Decision(action=Action.CONTINUE, lr_scale=state.lr_scale)
     # A step whose update was skipped is not evidence of health: snapshotting it would close a rollback
     # episode and refill the budget while the fault persists.
-    due = (config.guard_enabled and not verdict.update_skipped
-           and verdict.step % config.guard_snapshot_interval == 0)
+    tick = verdict.tick if verdict.tick is not None else verdict.step
+    due = config.guard_enabled and not verdict.update_skipped and snapshot_due(tick, config)
     action = Action.SNAPSHOT if due else Action.CONTINUE
     return state, Decision(action=action, lr_scale=state.lr_scale)
+
+
+def snapshot_due(tick: int, config: GradienceConfig) -> bool:
+    """True when the step at ``tick`` of the guard's clock is a snapshot step (if healthy)."""
+    return tick % config.guard_snapshot_interval == 0
 
 
 def _rollback(state: GuardState, reason: Reason, config: GradienceConfig) -> tuple[GuardState, Decision]:
@@ -90,10 +99,17 @@ def on_restore_failed(state: GuardState, step: int, config: GradienceConfig) -> 
     )
 
 
-def on_snapshot_committed(state: GuardState, step: int, config: GradienceConfig) -> GuardState:
-    """Record a committed snapshot; a commit after a recovery closes the rollback episode."""
+def on_snapshot_committed(state: GuardState, step: int, config: GradienceConfig, *,
+                          verified: bool = True) -> GuardState:
+    """Record a committed snapshot; a commit of a verified state after a recovery closes the rollback episode.
+
+    ``verified`` is False when replica fingerprints are on but this state was not compared across ranks:
+    it may already carry the divergence, so it must not refill the rollback budget.
+    """
     committed = tuple(s for s in state.committed if s != step) + (step,)
-    state = dataclasses.replace(state, committed=committed, episode_target=None, episode_rollbacks=0)
+    state = dataclasses.replace(state, committed=committed)
+    if verified:
+        state = dataclasses.replace(state, episode_target=None, episode_rollbacks=0)
     keep = retained(state, config)
     failures = tuple(p for p in state.target_failures if p[0] in keep)
     return dataclasses.replace(state, committed=keep, target_failures=failures)

@@ -1,153 +1,215 @@
-"""SnapshotStore: per-rank snapshot shards, a commit marker, checksums and retention.
+"""SnapshotStore: one process group's snapshots: per-rank shards, a commit marker, checksums, retention.
 
-Layout (disk tier)::
+Layout (disk tier; ``root`` is the group's snapshot root, see :func:`gradience.rundir.snapshot_root`)::
 
-    out_dir/snapshots/step_00000100/rank_00000.safetensors   # this rank's model + optimizer state
-    out_dir/snapshots/step_00000100/COMMITTED                # JSON, written by rank 0 last
+    root/snap_00000012/rank_00003.safetensors   # global rank 3's model + optimizer state (.ckpt: a save_fn's)
+    root/snap_00000012/COMMITTED                # JSON marker, written last by the group's rank 0
+
+Snapshots are keyed by an id (``sid``) the caller assigns in increasing order (after a restart: past what
+:meth:`SnapshotStore.scan` returns); a committed id is never written again. The training step is only a
+label (marker and shard metadata): step numbers repeat, e.g. a per-epoch ``enumerate``.
 
 A snapshot is committed only after every rank reported its shard written, fsynced and hashed (one MAX
-all-reduce carries the failure flags and every rank's SHA-256), and rank 0 then wrote the marker
-(temp -> fsync -> rename) and reported success (a second all-reduce). Restores verify the SHA-256 before
-anything is loaded, so a corrupt shard is rejected without touching the live model. The memory tier keeps
-the same protocol with CPU copies instead of files.
+all-reduce carries failure flags, SHA-256s, sizes and global ranks), rank 0 then wrote the marker (format:
+:func:`gradience.shardio.load_marker`; temp -> fsync -> rename) and reported success (a second all-reduce).
+A marker always lists complete shards: prune and reset remove it and every rank waits for that before
+deleting its shard. Restores verify the SHA-256 before anything is loaded. The memory tier runs the same
+protocol with CPU copies and touches no disk.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import os
-import shutil
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
 
+from gradience import shardio as sio
 from gradience.comm import Comm
-from gradience.errors import SnapshotError
+from gradience.errors import ConfigError, SnapshotError
+from gradience.shardio import FORMAT_VERSION, MARKER, snapshot_dir_name
 from gradience.state import capture_state, restore_state
 
-__all__ = ["FORMAT_VERSION", "MARKER", "Prepared", "SnapshotStore", "agree_all", "capture_state", "restore_state",
-           "step_dir_name"]
+__all__ = ["FORMAT_VERSION", "MARKER", "Prepared", "SnapshotInfo", "SnapshotStore", "agree_all", "capture_state",
+           "restore_state", "snapshot_dir_name"]
 
-MARKER = "COMMITTED"
-FORMAT_VERSION = 1
-
-
-def step_dir_name(step: int) -> str:
-    """Directory name of a snapshot; the state before the first step (step < 0) is ``step_initial``."""
-    return "step_initial" if step < 0 else f"step_{step:08d}"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# the store
+_SLOTS = 35  # per rank in the commit all-reduce: 32 SHA-256 bytes, global rank, size, kind
 
 
 @dataclass
 class Prepared:
     """A verified shard, ready to apply; produced by :meth:`SnapshotStore.prepare`."""
 
-    step: int
+    sid: int
+    step: int | None
     tensors: dict[str, torch.Tensor] | None
     meta: dict[str, Any]
     path: Path | None
 
 
 @dataclass
+class SnapshotInfo:
+    """A committed snapshot: its id, step label, writer world size, directory (None in memory), marker extra."""
+
+    sid: int
+    step: int | None
+    world_size: int
+    path: Path | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class _Pending:
-    step: int
+    sid: int
+    step: int | None
     meta: dict[str, Any]
+    extra: dict[str, Any]
     thread: threading.Thread | None = None
-    digest: str = ""
+    result: tuple[str, int, int] = ("", 0, 0)  # sha256, size, kind
+    tensors: dict[str, torch.Tensor] | None = None  # memory tier
     error: Exception | None = None
 
 
 class SnapshotStore:
-    """Per-rank shards with a collective commit. Every method marked *collective* must run on all ranks."""
+    """One group's shards with a collective commit. Methods marked *collective* must run on every rank of ``comm``.
 
-    def __init__(self, root: str | Path, comm: Comm, *, tier: str = "disk") -> None:
+    ``global_rank`` names this rank's shard files (default ``comm.rank``, right only when ``comm`` is the world):
+    ranks of different groups then never write the same path, while ``comm.rank`` decides who writes the marker.
+    """
+
+    def __init__(self, root: str | Path, comm: Comm, *, global_rank: int | None = None, tier: str = "disk") -> None:
+        if tier not in ("disk", "memory"):
+            raise ConfigError(f"snapshot tier must be 'disk' or 'memory', got {tier!r}")
         self.root = Path(root)
         self.comm = comm
+        self.global_rank = comm.rank if global_rank is None else int(global_rank)
         self.tier = tier
+        # sid -> commit record (the marker's content), identical on every rank after the commit all-reduce.
+        self._records: dict[int, dict[str, Any]] = {}
         self._memory: dict[int, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
-        # step -> sha256 of every rank's shard, known to every rank after the commit all-reduce.
-        self._digests: dict[int, list[str]] = {}
         #: This rank's exception from the last failed :meth:`save` / :meth:`finish`, None after a success.
         self.last_error: Exception | None = None
         self._pending: _Pending | None = None
 
     # ---- paths
-    def step_dir(self, step: int) -> Path:
-        """Directory holding snapshot ``step``."""
-        return self.root / step_dir_name(step)
+    def snapshot_dir(self, sid: int) -> Path:
+        """Directory of snapshot ``sid`` (never created by the memory tier)."""
+        return self.root / snapshot_dir_name(sid)
 
-    def shard_path(self, step: int, suffix: str = ".safetensors") -> Path:
-        """This rank's shard of snapshot ``step``."""
-        return self.step_dir(step) / f"rank_{self.comm.rank:05d}{suffix}"
+    def shard_path(self, sid: int, suffix: str = ".safetensors") -> Path:
+        """This rank's shard of snapshot ``sid``, named by the global rank."""
+        return self.snapshot_dir(sid) / f"rank_{self.global_rank:05d}{suffix}"
 
-    # ---- collective operations
+    # ---- opening
     def reset(self) -> None:
-        """*Collective.* Remove snapshots left by an earlier run in the same directory."""
-        if self.comm.rank == 0 and self.root.exists():
-            shutil.rmtree(self.root, ignore_errors=True)
+        """*Collective.* Forget every snapshot and delete this root's ``snap_*`` directories (a fresh run).
+
+        Anything else under ``root`` (another group's root nested in the world's) is left alone. Hold the
+        run lock first: this deletes whatever an earlier run left here.
+        """
+        self.abandon()
+        self._records.clear()
+        self._memory.clear()
+        if self.tier == "disk" and self.comm.rank == 0:
+            dirs = [d for _, d in sio.snapshot_dirs(self.root)]
+            for d in dirs:  # markers first: a kill half-way leaves unmarked leftovers, never a broken snapshot
+                with contextlib.suppress(OSError):
+                    (d / MARKER).unlink(missing_ok=True)
+                    sio.fsync_dir(d)
+            for d in dirs:
+                sio.remove_path(d)
         agree_all(self.comm, True)  # nobody writes before rank 0 has cleared the directory
 
-    def save(self, step: int, **shard: Any) -> bool:
+    def scan(self) -> int:
+        """*Collective.* Open the root for resume, deleting nothing committed.
+
+        Removes this rank's stale ``*.tmp`` files (rank 0: ``COMMITTED.tmp``) and its shards in directories
+        without a marker (never committed), then loads every complete committed snapshot's record, so that
+        :meth:`prepare`, :meth:`prune` and :meth:`committed` cover it. Returns the highest id on any rank,
+        committed or not (-1 if none): new ids must be greater. Its all-reduce also keeps every rank from
+        writing before all have cleaned up.
+        """
+        if self._pending is not None:
+            raise SnapshotError(f"scan: snapshot {self._pending.sid} is in flight; finish or abandon it first")
+        # Before any cleanup: the first rank to get here sees every leftover, so none of their ids is reused.
+        local = max(self.max_id_on_disk(), max(self._records, default=-1))
+        if self.tier == "disk":
+            sio.remove_stale(self.root, self.global_rank, marker_writer=self.comm.rank == 0)
+            for sid, _, record in sio.committed_dirs(self.root):
+                self._records[sid] = record
+        if self.comm.world_size == 1:
+            return local
+        return int(self.comm.all_reduce_max(torch.tensor([float(local)], dtype=torch.float64))[0])
+
+    def max_id_on_disk(self) -> int:
+        """*Local.* Highest id of any ``snap_*`` directory under ``root``, committed or not; -1 if none."""
+        if self.tier == "memory":
+            return -1
+        return max((sid for sid, _ in sio.snapshot_dirs(self.root)), default=-1)
+
+    # ---- writing
+    def save(self, sid: int, **shard: Any) -> bool:
         """*Collective.* :meth:`begin` (in the foreground, same keywords) then :meth:`finish`.
 
         Returns True when committed. On failure nothing is committed, this rank's shard is removed,
         earlier snapshots stay the rollback targets and ``last_error`` holds this rank's exception, if any.
         """
-        self.begin(step, **shard)
+        self.begin(sid, **shard)
         return self.finish()
 
     def begin(
         self,
-        step: int,
+        sid: int,
         *,
+        step: int | None = None,
         tensors: dict[str, torch.Tensor] | None = None,
         meta: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
         save_fn: Callable[[str], None] | None = None,
         capture: Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None,
         background: bool = False,
     ) -> None:
-        """*Local.* Capture now and write this rank's shard, in a background thread if ``background``.
+        """*Local.* Capture now and write this rank's shard of snapshot ``sid``, in a thread if ``background``.
 
-        The shard is ``tensors``, or what ``capture()`` returns (tensors, extra metadata) — called inside the
-        failure handling, so a rank whose capture raises still joins the agreement — or what ``save_fn(path)``
-        writes. With ``background``, ``capture`` must return copies that later training steps do not modify. :meth:`finish` (collective)
-        commits the snapshot, :meth:`abandon` drops it; one snapshot is in flight at a time.
+        ``step``: a label. ``meta`` (JSON) goes into the shard, back in :class:`Prepared`; ``extra`` (JSON, the
+        same on every rank) into the marker, back in :class:`SnapshotInfo`. The shard is ``tensors``, what
+        ``capture()`` returns (tensors, more meta; called inside the failure handling, so a rank whose capture
+        raises still joins the agreement; with ``background`` it must return copies) or what
+        ``save_fn(path)`` writes. :meth:`finish` commits, :meth:`abandon` drops; one snapshot in flight at a
+        time. Raises SnapshotError for a negative id or one already committed here or on disk.
         """
         if self._pending is not None:
-            raise SnapshotError(f"snapshot {self._pending.step} is still in flight; finish or abandon it first")
-        pending = _Pending(step, dict(meta or {}))
+            raise SnapshotError(f"snapshot {self._pending.sid} is still in flight; finish or abandon it first")
+        if isinstance(sid, bool) or not isinstance(sid, int) or sid < 0:
+            raise SnapshotError(f"snapshot id must be an int >= 0, got {sid!r}")
+        if sid in self._records or (self.tier == "disk" and (self.snapshot_dir(sid) / MARKER).exists()):
+            raise SnapshotError(f"snapshot id {sid} is already committed under {self.root}; ids are never reused")
+        pending = _Pending(sid, step, dict(meta or {}), dict(extra or {}))
+        job: Callable[[], tuple[str, int, int]] = lambda: ("", 0, 0)  # noqa: E731
         try:
             if capture is not None:
-                tensors, extra = capture()
-                pending.meta.update(extra)
+                tensors, more = capture()
+                pending.meta.update(more)
+            job = self._shard_job(sid, tensors, pending, save_fn)
         except Exception as e:  # reported through finish(), never by skipping the agreement
             pending.error = e
 
-        job: Callable[[], str] = lambda: ""  # noqa: E731
-        if pending.error is None:
-            try:
-                job = self._shard_job(step, tensors, pending.meta, save_fn)
-            except Exception as e:
-                pending.error = e
-
         def write() -> None:
             try:
-                pending.digest = job()
+                pending.result = job()
             except Exception as e:
                 pending.error = e
 
         if pending.error is None:
             if background:
-                thread = threading.Thread(target=write, name=f"gradience-snapshot-{step}", daemon=True)
+                thread = threading.Thread(target=write, name=f"gradience-snapshot-{sid}", daemon=True)
                 try:
                     thread.start()
                     pending.thread = thread
@@ -158,8 +220,13 @@ class SnapshotStore:
         self._pending = pending
 
     @property
-    def pending_step(self) -> int | None:
-        """Step of the snapshot begun and not yet finished or abandoned."""
+    def pending_id(self) -> int | None:
+        """Id of the snapshot begun and not yet finished or abandoned."""
+        return self._pending.sid if self._pending is not None else None
+
+    @property
+    def pending_label(self) -> int | None:
+        """Step label of the snapshot in flight (None when none is, or it has no label)."""
         return self._pending.step if self._pending is not None else None
 
     def finish(self) -> bool:
@@ -169,167 +236,186 @@ class SnapshotStore:
             raise SnapshotError("no snapshot in flight")
         if pending.thread is not None:
             pending.thread.join()
-        step = pending.step
+        sid = pending.sid
         self.last_error = pending.error
-        digests = _exchange_digests(self.comm, pending.digest, ok=pending.error is None)
-        if digests is None:
-            self._discard(step)
+        shards = _exchange(self.comm, self.global_rank, pending.result, ok=pending.error is None)
+        if shards is not None and len({s["global_rank"] for s in shards}) < len(shards):
+            # Same verdict on every rank (same exchange): two ranks wrote one file, neither shard can be trusted.
+            self.last_error = SnapshotError(f"global ranks {[s['global_rank'] for s in shards]} are not distinct")
+            shards = None
+        if shards is None:
+            self._discard(sid)
             return False
+        record = {"format": FORMAT_VERSION, "id": sid, "step": pending.step, "world_size": self.comm.world_size,
+                  "tier": self.tier, "extra": pending.extra, "shards": shards}
         committed = True
-        if self.comm.rank == 0:
+        if self.tier == "disk" and self.comm.rank == 0:
             try:
-                self._write_marker(step, digests, pending.meta)
+                self._write_marker(sid, record)
             except Exception as e:
                 self.last_error, committed = e, False
         if not agree_all(self.comm, committed):
-            self._discard(step)
+            self._discard(sid)
             return False
-        self._digests[step] = digests
+        self._records[sid] = record
+        if self.tier == "memory":
+            self._memory[sid] = (pending.tensors, pending.meta)
         return True
 
     def abandon(self) -> int | None:
-        """*Local.* Drop the in-flight snapshot (it is never committed); returns its step."""
+        """*Local.* Drop the in-flight snapshot (it is never committed); returns its id."""
         pending, self._pending = self._pending, None
         if pending is None:
             return None
         if pending.thread is not None:
             pending.thread.join()
-        self._discard(pending.step)
-        return pending.step
+        self._discard(pending.sid)
+        return pending.sid
 
-    def prepare(self, step: int) -> Prepared | None:
-        """*Local.* Read and verify this rank's shard of ``step``; None if missing or corrupt."""
+    # ---- reading and retention
+    def prepare(self, sid: int) -> Prepared | None:
+        """*Local.* Read and verify this rank's shard of committed snapshot ``sid``; None if missing or corrupt.
+
+        Snapshots not known to this store (not committed by it, not loaded by :meth:`scan`) are looked up
+        through their marker on disk.
+        """
         try:
+            record = self._records.get(sid)
             if self.tier == "memory":
-                tensors, meta = self._memory[step]
-                return Prepared(step, tensors, meta, None)
-            expected = self._expected_digest(step)
-            path = self._find_shard(step)
+                if record is None:
+                    return None
+                tensors, meta = self._memory[sid]
+                return Prepared(sid, record["step"], tensors, meta, None)
+            d = self.snapshot_dir(sid)
+            record = record or sio.load_marker(d, sid)
+            entry = next(s for s in record["shards"] if s["global_rank"] == self.global_rank)
+            path = d / entry["file"]
             if path.suffix == ".safetensors":
                 blob = path.read_bytes()
-                if hashlib.sha256(blob).hexdigest() != expected:
+                if hashlib.sha256(blob).hexdigest() != entry["sha256"]:
                     return None
-                tensors = st_load(blob)
-                meta = json.loads(_safetensors_metadata(blob).get("gradience", "{}"))
-                return Prepared(step, tensors, meta, path)
-            if _hash_path(path) != expected:
+                meta = json.loads(sio.safetensors_metadata(blob).get("gradience", "{}"))
+                return Prepared(sid, record["step"], st_load(blob), meta, path)
+            if sio.hash_path(path) != entry["sha256"]:
                 return None
-            return Prepared(step, None, {}, path)
+            return Prepared(sid, record["step"], None, {}, path)
         except Exception:
             return None
 
     def prune(self, keep: Iterable[int]) -> None:
-        """*Local.* Delete snapshots not in ``keep``; rank 0 removes the marker first."""
-        keep = set(keep)
-        known = set(self._digests) | set(self._memory)
-        for step in sorted(known - keep):
-            self._digests.pop(step, None)
-            self._memory.pop(step, None)
-            self._discard(step)
+        """Forget and delete committed snapshots whose id is not in ``keep``.
 
-    def committed_on_disk(self) -> list[int]:
-        """Steps under ``root`` that carry a commit marker (for inspection and resume)."""
-        out = []
-        if not self.root.is_dir():
-            return out
-        for d in self.root.iterdir():
-            marker = d / MARKER
-            if marker.is_file():
-                try:
-                    out.append(int(json.loads(marker.read_text())["step"]))
-                except (ValueError, KeyError, json.JSONDecodeError):
-                    continue
-        return sorted(out)
+        *Collective* on the disk tier (every rank, same ``keep``): rank 0 removes the markers, all ranks wait
+        for that, then each deletes its own shards, so a kill at any point leaves no marker beside a missing
+        shard. *Local* on the memory tier.
+        """
+        doomed = sorted(set(self._records) - set(keep))
+        for sid in doomed:
+            self._records.pop(sid, None)
+            self._memory.pop(sid, None)
+        if self.tier == "memory":
+            return
+        ok = True
+        if self.comm.rank == 0:
+            try:
+                for sid in doomed:
+                    (self.snapshot_dir(sid) / MARKER).unlink(missing_ok=True)
+                    sio.fsync_dir(self.snapshot_dir(sid))
+            except OSError as e:  # the marker stays: then every shard must stay too
+                self.last_error, ok = e, False
+        if agree_all(self.comm, ok):
+            for sid in doomed:
+                sio.remove_rank_files(self.snapshot_dir(sid), self.global_rank)
+
+    def committed(self) -> list[SnapshotInfo]:
+        """*Local.* Snapshots this store committed or loaded with :meth:`scan`, sorted by id."""
+        return [_info(r, self.snapshot_dir(sid) if self.tier == "disk" else None)
+                for sid, r in sorted(self._records.items())]
+
+    def committed_on_disk(self) -> list[SnapshotInfo]:
+        """*Local.* Committed snapshots under ``root`` whose every listed shard exists with its recorded size,
+        sorted by id (no hashing: :meth:`prepare` verifies). Empty for the memory tier."""
+        return [_info(r, d) for _, d, r in sio.committed_dirs(self.root)] if self.tier == "disk" else []
 
     # ---- internals
-    def _shard_job(self, step: int, tensors, meta, save_fn) -> Callable[[], str]:
+    def _shard_job(self, sid: int, tensors: dict[str, torch.Tensor] | None, pending: _Pending,
+                   save_fn: Callable[[str], None] | None) -> Callable[[], tuple[str, int, int]]:
         """Do on this thread what must see the state as it is now; return the rest (IO, hashing) as a job
-        that yields the shard's SHA-256 and may run on a background thread."""
+        yielding (sha256, size, kind) that may run on a background thread."""
         if self.tier == "memory":
             if tensors is None:
                 raise SnapshotError("the memory tier needs tensors (initialize with optimizer=, not save_fn)")
-            self._memory[step] = (tensors, meta)
-            return lambda: ""
-        d = self.step_dir(step)
+            pending.tensors = tensors
+            return lambda: ("", 0, 0)
+        d = self.snapshot_dir(sid)
         d.mkdir(parents=True, exist_ok=True)
+        # What a killed run left under this id (never committed: begin() checked) must not mix with the new shard.
+        sio.remove_rank_files(d, self.global_rank, rmdir=False)
         if tensors is not None:
+            label = json.dumps({"id": sid, "step": pending.step})
             # Planning (header, byte views) here leaves the writer thread a few large GIL-free calls.
-            head, raws = _plan_safetensors(tensors, {"gradience": json.dumps(meta)})
-            path = self.shard_path(step)
-            return lambda: _write_planned(path, head, raws)
-        path = self.shard_path(step, ".ckpt")
+            head, raws = sio.plan_safetensors(tensors, {"gradience": json.dumps(pending.meta),
+                                                        "gradience_snapshot": label})
+            path = self.shard_path(sid)
+            return lambda: (sio.write_planned(path, head, raws), path.stat().st_size, 1)
+        if save_fn is None:
+            raise SnapshotError("begin: pass tensors=, capture= or save_fn=")
+        path = self.shard_path(sid, ".ckpt")
         save_fn(str(path))
         if not path.exists():
             raise SnapshotError(f"save_fn did not create {path}")
 
-        def finish_file() -> str:
-            _fsync_path(path)
-            return _hash_path(path)
+        def finish_file() -> tuple[str, int, int]:
+            sio.fsync_path(path)
+            return sio.hash_path(path), sio.path_size(path), 2
 
         return finish_file
 
-    def _write_marker(self, step: int, digests: list[str], meta: dict[str, Any]) -> None:
-        d = self.step_dir(step)
+    def _write_marker(self, sid: int, record: dict[str, Any]) -> None:
+        d = self.snapshot_dir(sid)
         d.mkdir(parents=True, exist_ok=True)
-        shards = []
-        for r, h in enumerate(digests):
-            names = [p.name for p in d.glob(f"rank_{r:05d}.*")]
-            shards.append({"rank": r, "file": names[0] if names else None, "sha256": h})
-        marker = {
-            "format": FORMAT_VERSION,
-            "step": step,
-            "world_size": self.comm.world_size,
-            "tier": self.tier,
-            "shards": shards,
-            "guard_state": meta.get("guard_state"),
-        }
-        _atomic_write(d / MARKER, json.dumps(marker, indent=1).encode())
+        sio.atomic_write(d / MARKER, json.dumps(record, indent=1).encode())
 
-    def _expected_digest(self, step: int) -> str:
-        if step in self._digests:
-            return self._digests[step][self.comm.rank]
-        marker = json.loads((self.step_dir(step) / MARKER).read_text())
-        return marker["shards"][self.comm.rank]["sha256"]
-
-    def _find_shard(self, step: int) -> Path:
-        for suffix in (".safetensors", ".ckpt"):
-            p = self.shard_path(step, suffix)
-            if p.exists():
-                return p
-        raise SnapshotError(f"no shard for rank {self.comm.rank} in {self.step_dir(step)}")
-
-    def _discard(self, step: int) -> None:
-        self._memory.pop(step, None)
-        d = self.step_dir(step)
-        if self.tier == "memory" or not d.exists():
+    def _discard(self, sid: int) -> None:
+        """Remove this rank's files of an uncommitted snapshot (rank 0: the marker, should one exist)."""
+        if self.tier == "memory":
             return
         if self.comm.rank == 0:
-            (d / MARKER).unlink(missing_ok=True)
-        for p in d.glob(f"rank_{self.comm.rank:05d}.*"):
-            _remove(p)
-        try:
-            d.rmdir()
-        except OSError:
-            pass  # other ranks' shards are still there; the last one out removes the directory
+            for name in (MARKER, MARKER + sio.TMP_SUFFIX):
+                with contextlib.suppress(OSError):
+                    (self.snapshot_dir(sid) / name).unlink(missing_ok=True)
+        sio.remove_rank_files(self.snapshot_dir(sid), self.global_rank)
 
 
-def _exchange_digests(comm: Comm, digest: str, *, ok: bool) -> list[str] | None:
-    """One MAX all-reduce carrying every rank's failure flag and SHA-256; None if any rank failed."""
+
+def _info(record: dict[str, Any], path: Path | None) -> SnapshotInfo:
+    return SnapshotInfo(int(record["id"]), record.get("step"), int(record["world_size"]), path,
+                        dict(record.get("extra") or {}))
+
+
+def _exchange(comm: Comm, global_rank: int, result: tuple[str, int, int], *, ok: bool) -> list[dict[str, Any]] | None:
+    """One MAX all-reduce carrying every rank's failure flag, SHA-256, size and global rank; the marker's
+    shard list, identical on every rank, or None if any rank failed."""
     n = comm.world_size
-    vec = torch.zeros(1 + 32 * n, dtype=torch.float64)
+    vec = torch.zeros(1 + _SLOTS * n, dtype=torch.float64)
     vec[0] = 0.0 if ok else 1.0
-    if ok and digest:
-        raw = bytes.fromhex(digest)
-        vec[1 + 32 * comm.rank : 1 + 32 * (comm.rank + 1)] = torch.tensor(list(raw), dtype=torch.float64)
+    if ok:
+        digest, size, kind = result
+        base = 1 + _SLOTS * comm.rank
+        if digest:
+            vec[base : base + 32] = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.float64)
+        vec[base + 32 : base + 35] = torch.tensor([global_rank, size, kind], dtype=torch.float64)
     out = comm.all_reduce_max(vec) if n > 1 else vec
     if out[0] > 0:
         return None
     vals = [int(x) for x in out[1:].tolist()]
-    digests = []
+    shards = []
     for r in range(n):
-        raw = bytes(vals[32 * r : 32 * (r + 1)])
-        digests.append(raw.hex() if any(raw) else "")
-    return digests
+        slot = vals[_SLOTS * r : _SLOTS * (r + 1)]
+        raw, (g, size, kind) = bytes(slot[:32]), slot[32:]
+        shards.append({"rank": r, "global_rank": g, "file": sio.shard_file_name(g, kind),
+                       "size": size, "sha256": raw.hex() if any(raw) else ""})
+    return shards
 
 
 def agree_all(comm: Comm, ok: bool) -> bool:
@@ -338,131 +424,3 @@ def agree_all(comm: Comm, ok: bool) -> bool:
         return ok
     flag = comm.all_reduce_max(torch.tensor([0.0 if ok else 1.0], dtype=torch.float64))
     return bool(flag[0] == 0)
-
-
-try:  # the loader's own table, so everything safetensors can read, we can write
-    from safetensors.torch import _TYPES as _ST_NAMES
-except ImportError:  # pragma: no cover - older safetensors
-    _ST_NAMES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                 "BOOL": torch.bool}
-_ST_DTYPES = {dtype: code for code, dtype in _ST_NAMES.items()}
-# Bytes handed to hashlib / write() per call: each call releases the GIL once, so few large calls keep a
-# background write moving even while the training thread runs Python.
-_CHUNK = 64 << 20
-
-
-def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
-    """Write a safetensors file (temp -> fsync -> rename) and return the SHA-256 of exactly its bytes.
-
-    Written here rather than with ``safetensors.torch.save`` so that no serialized copy of the whole shard
-    is built in memory and the GIL is released while bytes are hashed and written: a background snapshot
-    then does not stall the training thread.
-    """
-    return _write_planned(path, *_plan_safetensors(tensors, metadata))
-
-
-def _plan_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[bytes, list[torch.Tensor]]:
-    """The file's header (length prefix included) and each tensor's bytes as a flat uint8 view, in file order."""
-    for name, t in tensors.items():
-        if t.dtype not in _ST_DTYPES:
-            raise SnapshotError(f"cannot store {name}: dtype {t.dtype} has no safetensors code")
-    # Largest elements first keeps every tensor aligned to its element size after the 8-byte-padded header.
-    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    raws = []
-    for name in order:
-        t = tensors[name]
-        size = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-        if size:
-            raws.append(t.contiguous().reshape(-1).view(torch.uint8))
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    return len(head).to_bytes(8, "little") + head, raws
-
-
-def _write_planned(path: Path, head: bytes, raws: list[torch.Tensor]) -> str:
-    digest = hashlib.sha256(head)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(head)
-        for chunk in _byte_chunks(raws):
-            data = memoryview(chunk.numpy())
-            digest.update(data)
-            f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    return digest.hexdigest()
-
-
-def _byte_chunks(raws: list[torch.Tensor]):
-    """Flat uint8 tensors in order, small ones concatenated into chunks of about ``_CHUNK`` bytes."""
-    batch: list[torch.Tensor] = []
-    size = 0
-    for raw in raws:
-        batch.append(raw)
-        size += raw.numel()
-        if size >= _CHUNK:
-            yield torch.cat(batch) if len(batch) > 1 else batch[0]
-            batch, size = [], 0
-    if batch:
-        yield torch.cat(batch) if len(batch) > 1 else batch[0]
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_path(path: Path) -> None:
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for p in files:
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
-    _fsync_dir(path.parent)
-
-
-def _hash_path(path: Path) -> str:
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for p in files:
-        h.update(str(p.relative_to(path.parent)).encode())
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def _safetensors_metadata(blob: bytes) -> dict[str, str]:
-    n = int.from_bytes(blob[:8], "little")
-    return json.loads(blob[8 : 8 + n]).get("__metadata__", {}) or {}
-
-
-def _remove(p: Path) -> None:
-    if p.is_dir():
-        shutil.rmtree(p, ignore_errors=True)
-    else:
-        p.unlink(missing_ok=True)

@@ -98,6 +98,25 @@ def restore_state(
     sd = optimizer.state_dict()
     sd["state"] = state
     optimizer.load_state_dict(sd)
+    _restore_dtypes(optimizer, state)
+
+
+def _restore_dtypes(optimizer: torch.optim.Optimizer, saved: dict[int, dict[str, Any]]) -> None:
+    """Undo ``Optimizer.load_state_dict``'s cast of state to each parameter's dtype.
+
+    bf16 parameters with fp32 moments (a common mixed-precision setup) would otherwise come back with bf16
+    moments: a restore must be bitwise, dtype included. The saved tensor is put back on the device the loader
+    chose, in its own dtype.
+    """
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for idx, per in saved.items():
+        if idx >= len(params) or params[idx] not in optimizer.state:
+            continue
+        live = optimizer.state[params[idx]]
+        for key, value in per.items():
+            now = live.get(key)
+            if isinstance(value, torch.Tensor) and isinstance(now, torch.Tensor) and now.dtype != value.dtype:
+                live[key] = value.to(now.device)
 
 
 def _put(tensors: dict[str, torch.Tensor], sparse: dict[str, list[Any]], name: str, t: torch.Tensor,

@@ -21,6 +21,7 @@ class Reason(str, enum.Enum):
     """Why the guard skipped, rolled back or halted. Values appear verbatim in telemetry and summary."""
 
     NONFINITE_WEIGHTS = "NONFINITE_WEIGHTS"
+    NONFINITE_BUFFERS = "NONFINITE_BUFFERS"
     NONFINITE_GRADS = "NONFINITE_GRADS"
     NONFINITE_LOSS = "NONFINITE_LOSS"
     VIOLATION_THRESHOLD = "VIOLATION_THRESHOLD"
@@ -29,6 +30,7 @@ class Reason(str, enum.Enum):
     PROBE_ERROR = "PROBE_ERROR"
     ROLLBACK_BUDGET_EXHAUSTED = "ROLLBACK_BUDGET_EXHAUSTED"
     NO_GOOD_SNAPSHOT = "NO_GOOD_SNAPSHOT"
+    RESTORE_FAILED = "RESTORE_FAILED"
 
 
 class Phase(str, enum.Enum):
@@ -58,13 +60,16 @@ class ProbeReport:
     nonfinite_loss: bool = False
     nonfinite_grads: bool = False
     nonfinite_weights: bool = False
+    #: A persistent floating-point buffer (BatchNorm running stat, ...) holds NaN.
+    nonfinite_buffers: bool = False
     violation_loss: bool = False
     violation_grads: bool = False
     violation_weights: bool = False
     update_skipped: bool = False
     #: A GradScaler found inf/NaN: the scaler skips this update by design (not a fault).
     scaler_overflow: bool = False
-    #: Largest per-tensor L2 norm of the gradients / parameters (inf when non-finite).
+    #: Largest per-tensor L2 norm of the gradients / parameters: NaN if an element is NaN; +inf if an
+    #: element is inf or the norm overflowed.
     grad_norm: float = 0.0
     weight_norm: float = 0.0
     #: This rank's loss as reported by the loop (None if not given or the probe failed).
@@ -80,6 +85,7 @@ class ProbeReport:
             or self.nonfinite_loss
             or self.nonfinite_grads
             or self.nonfinite_weights
+            or self.nonfinite_buffers
             or self.violation_loss
             or self.violation_grads
             or self.violation_weights
@@ -97,6 +103,7 @@ class Verdict:
     nonfinite_loss: bool = False
     nonfinite_grads: bool = False
     nonfinite_weights: bool = False
+    nonfinite_buffers: bool = False
     violation_loss: bool = False
     violation_grads: bool = False
     violation_weights: bool = False
@@ -107,6 +114,9 @@ class Verdict:
     weight_norm: float = 0.0
     #: Ranks whose local report was faulty (sorted).
     faulty_ranks: tuple[int, ...] = ()
+    #: The guard's own clock for this step (the loop's step numbers are labels and may repeat); None = use
+    #: ``step``.
+    tick: int | None = None
 
     def fault_reason(self) -> Reason | None:
         """The most specific reason this verdict calls for action, or None when healthy."""
@@ -120,6 +130,8 @@ class Verdict:
             return None
         if self.nonfinite_weights:
             return Reason.NONFINITE_WEIGHTS
+        if self.nonfinite_buffers:
+            return Reason.NONFINITE_BUFFERS
         if self.replica_divergence:
             return Reason.REPLICA_DIVERGENCE
         if self.violation_weights:

@@ -213,7 +213,10 @@ def main(argv: list[str] | None = None) -> int:
               f"rollbacks {g.get('total_rollbacks')}, skipped {g.get('total_skipped_steps')}, "
               f"LR scale {ctl.state.lr_scale}, exit {live.exit_code}", flush=True)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        # The robust end of a distributed process (gloo can abort in interpreter teardown otherwise).
+        from gradience import exit_process
+
+        exit_process(live.exit_code)
     return live.exit_code
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 
@@ -79,12 +80,15 @@ def run_loop(
     optimizer: torch.optim.Optimizer | None = None,
     guard_loss: Callable[[int, torch.Tensor], object] | None = None,
 ) -> dict:
-    """Train; ``on_grads`` runs after backward, ``on_update`` after the optimizer step (fault injection)."""
+    """Train; ``on_grads`` runs after backward, ``on_update`` after the optimizer step (fault injection).
+
+    ``lrs[i]`` is the LR the i-th update used (schedule(i) x the guard's scale)."""
     opt = optimizer or torch.optim.AdamW(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule) if schedule else None
     if controller is not None:
         controller.initialize(model, optimizer=opt, scheduler=sched)
-    lrs, losses, applied = [], [], []
+    lrs = used_lrs(opt)
+    losses, applied = [], []
     stopped_at = None
     for step in range(steps):
         opt.zero_grad(set_to_none=True)
@@ -99,7 +103,6 @@ def run_loop(
             sched.step()
         if on_update:
             on_update(step, model)
-        lrs.append(float(opt.param_groups[0]["lr"]))
         losses.append(float(loss.detach()))
         reported = guard_loss(step, loss) if guard_loss else loss
         if controller is not None and not controller.step(step, reported, model):
@@ -108,6 +111,18 @@ def run_loop(
     summary = controller.finalize() if controller is not None else None
     return {"optimizer": opt, "scheduler": sched, "lrs": lrs, "losses": losses, "applied": applied,
             "stopped_at": stopped_at, "summary": summary}
+
+
+def used_lrs(opt: torch.optim.Optimizer) -> list[float]:
+    """The first group's LR as each optimizer.step() actually uses it (a pre-hook registered after the
+    guard's, so it sees the backoff applied at consumption), one entry per step call."""
+    seen: list[float] = []
+    def record(o, args, kwargs):
+        lr = o.param_groups[0]["lr"]
+        seen.append(float(lr) if lr is not None else math.nan)  # Adafactor's relative step has no lr
+
+    opt.register_step_pre_hook(record)
+    return seen
 
 
 def poison(name: str, value: float = float("nan")) -> Callable[[torch.nn.Module], None]:

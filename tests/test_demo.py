@@ -48,7 +48,7 @@ def test_guarded_weight_nan_rolls_back_and_recovers(tmp_path: Path) -> None:
     assert isinstance(summary["final_loss"], float) and math.isfinite(summary["final_loss"])
     (rb,) = events(tmp_path, "rollback_success")
     assert rb["step"] == 30 and rb["to_step"] == 20 and rb["reason"] == "NONFINITE_WEIGHTS"
-    assert rb["local_bad_params"] == ["transformer.h.0.attn.c_attn.weight"]
+    assert rb["bad"]["params"] == ["transformer.h.0.attn.c_attn.weight"]
 
 
 def test_unguarded_weight_nan_ends_corrupted(tmp_path: Path) -> None:
@@ -106,8 +106,8 @@ def test_torchrun_two_ranks_both_roll_back(tmp_path: Path) -> None:
     for (rb,) in rollbacks:
         assert rb["step"] == 30 and rb["to_step"] == 20 and rb["faulty_ranks"] == [1]
     assert rollbacks[0][0]["lr"] == rollbacks[1][0]["lr"]  # the same backoff on both ranks
-    assert rollbacks[1][0]["local_bad_params"] == ["transformer.h.0.attn.c_attn.weight"]
-    assert rollbacks[0][0]["local_bad_params"] == []
+    assert rollbacks[1][0]["bad"]["params"] == ["transformer.h.0.attn.c_attn.weight"]
+    assert rollbacks[0][0]["bad"] is None
     ends = [events(tmp_path, "summary", rank)[0] for rank in (0, 1)]
     assert ends[0]["weights_fingerprint"] == ends[1]["weights_fingerprint"] is not None  # bitwise-equal replicas
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -17,6 +17,7 @@ import yaml
 pytest.importorskip("transformers")
 
 from accelerate.commands.config.config_args import load_config_from_file  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 from gradience import EXIT_GUARD_HALTED, ConfigError, GradienceConfig  # noqa: E402
 from gradience.integrations.hf import GradienceCallback  # noqa: E402
@@ -117,18 +118,31 @@ def test_world_size_check_fails_loudly(capsys):
 
 
 # ----------------------------------------------------------------------------------------------- one process
+class UsedLR(TrainerCallback):
+    """Records the LR each optimizer step actually uses (a torch pre-hook registered after the guard's)."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        opt = kwargs["optimizer"]
+        opt = getattr(opt, "optimizer", opt)
+        opt.register_step_pre_hook(lambda o, a, k: self.lrs.append(float(o.param_groups[0]["lr"])))
+
+
 @pytest.mark.parametrize("precision,accum", [("fp32", 1), ("bf16", 2)])
 def test_weight_nan_one_rollback_lr_backoff_kept_by_scheduler(tmp_path, precision, accum):
     out, total, fault = tmp_path / "g", 30, 14
     cb = GradienceCallback(out_dir=str(out), guard_snapshot_interval=10, telemetry_interval=1)
-    trainer = make_trainer(tmp_path / "o", [WeightNaN({fault}), cb], max_steps=total,
+    used = UsedLR()
+    trainer = make_trainer(tmp_path / "o", [WeightNaN({fault}), cb, used], max_steps=total,
                            bf16=precision == "bf16", gradient_accumulation_steps=accum)
     trainer.train()
     assert trainer.accelerator.state.mixed_precision == ("bf16" if precision == "bf16" else "no")
     assert trainer.state.global_step == total
     rb = events(out, "rollback_success")
     assert [(e["step"], e["to_step"], e["reason"]) for e in rb] == [(fault, 10, "NONFINITE_WEIGHTS")]
-    assert rb[0]["local_bad_params"] == [INJECT_PARAM]
+    assert rb[0]["bad"]["params"] == [INJECT_PARAM]
     s = summary_json(out)["guard"]
     assert (s["total_rollbacks"], s["integrity_status"], s["lr_scale"]) == (1, "RECOVERED", 0.5)
     assert all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters())
@@ -137,11 +151,15 @@ def test_weight_nan_one_rollback_lr_backoff_kept_by_scheduler(tmp_path, precisio
     for step, loss in logged(trainer, "loss").items():
         assert seen[step] == pytest.approx(loss, rel=1e-4), step
     assert all(math.isfinite(seen[s]) for s in range(fault + 1, total + 1))
-    # LR backoff lives in the scheduler's bases: every later step runs at half the schedule.
-    assert trainer.lr_scheduler.base_lrs == pytest.approx([BASE_LR * 0.5] * len(trainer.lr_scheduler.base_lrs))
+    # The backoff is applied where the optimizer reads the LR: every later update runs at half the schedule,
+    # while the scheduler (and so the Trainer's logged learning_rate) keeps the schedule itself.
+    assert trainer.lr_scheduler.base_lrs == pytest.approx([BASE_LR] * len(trainer.lr_scheduler.base_lrs))
+    assert len(used.lrs) == total
+    for step in range(1, total + 1):  # the update of global step `step` runs at linear_lr(step)
+        scale = 0.5 if step > fault else 1.0
+        assert used.lrs[step - 1] == pytest.approx(linear_lr(step, total) * scale, rel=1e-9, abs=1e-15), step
     for step, lr in logged(trainer, "learning_rate").items():
-        scale = 0.5 if step > fault else 1.0  # step `fault` logged its LR before its rollback
-        assert lr == pytest.approx(linear_lr(step, total) * scale, rel=1e-9, abs=1e-15), step
+        assert lr == pytest.approx(linear_lr(step, total), rel=1e-9, abs=1e-15), step
     assert rb[0]["lr"] == pytest.approx(linear_lr(fault + 1, total) * 0.5)
 
 
@@ -153,7 +171,7 @@ def test_nan_gradient_skips_step_and_leaves_optimizer_state(tmp_path):
     trainer.train()
     assert probe.unchanged is True and probe.adam_steps_before == 7.0
     skips = events(out, "skip_step")
-    assert [(e["step"], e["reason"], e["local_bad_grads"]) for e in skips] == [(8, "NONFINITE_GRADS", [INJECT_PARAM])]
+    assert [(e["step"], e["reason"], e["bad"]["params"]) for e in skips] == [(8, "NONFINITE_GRADS", [INJECT_PARAM])]
     assert events(out, "rollback_success") == []
     s = summary_json(out)["guard"]
     assert (s["total_skipped_steps"], s["total_rollbacks"], s["integrity_status"]) == (1, 0, "RECOVERED")
@@ -207,8 +225,9 @@ def test_resume_from_trainer_checkpoint_keeps_guard_state(faulted_run, tmp_path,
     assert out == (faulted_run["root"] / "g" if restore_callbacks else tmp_path / "g")
     st = live.controller.state
     assert (st.lr_scale, st.total_rollbacks, st.first_fault_step) == (0.5, 1, 14)
-    # The scale came back through the optimizer and scheduler state, and was not applied a second time.
-    assert list(trainer.lr_scheduler.base_lrs) == faulted_run["base_lrs"] == pytest.approx([BASE_LR * 0.5] * 2)
+    # The scale came back with the guard state and is in force again; the scheduler holds the bare schedule.
+    assert live.controller.lr.scale == 0.5
+    assert list(trainer.lr_scheduler.base_lrs) == faulted_run["base_lrs"] == pytest.approx([BASE_LR] * 2)
     # log_history comes back from the checkpoint too: look at the steps this run made.
     lrs = {s: v for s, v in logged(trainer, "learning_rate").items() if s > 20}
     assert sorted(lrs) == list(range(21, 31))
@@ -263,7 +282,7 @@ def test_accelerate_cpu_recipe_two_ranks_roll_back_and_skip_together(tmp_path):
     assert [x["world_size"] for x in res] == [2, 2] and [x["exit_code"] for x in res] == [0, 0]
     assert res[0]["weights_sha256"] == res[1]["weights_sha256"]  # replicas still bitwise identical
     assert all(x["weights_finite"] and math.isfinite(x["final_loss"]) for x in res)
-    assert res[0]["base_lrs"] == res[1]["base_lrs"] == pytest.approx([1.5e-3, 1.5e-3])
+    assert res[0]["base_lrs"] == res[1]["base_lrs"] == pytest.approx([3e-3, 3e-3])  # the bare schedule
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ on_pre_optimizer_step   gradient gate ``before_optimizer_step`` (after clipping,
                         always calls ``optimizer.step()``; a skipped update is one whose gradients the
                         controller dropped (``p.grad = None``), so parameters and optimizer state stay unchanged
 on_step_end             ``step(global_step, loss, model)``: loss and weights checked; snapshot, rollback in place
-                        (model, optimizer, LR backoff through the scheduler's ``base_lrs``) or halt
+                        (model, optimizer; the LR backoff applies where the optimizer reads the LR) or halt
 on_train_end            ``finalize()``: ``summary.json`` in ``out_dir``
 ======================  ======================================================================================
 
@@ -34,8 +34,8 @@ default process group, so every rank skips, rolls back or halts together. A halt
 
 Checkpoints: the callback is an ``ExportableState``, so the guard state (LR scale, rollback and skip counts,
 first fault) is saved in each checkpoint's ``trainer_state.json`` and restored when training resumes from it,
-whether or not ``restore_callback_states_from_checkpoint`` is set. The scaled LR itself is not re-applied on
-resume: the Trainer restores the optimizer and scheduler, which already carry it. With
+whether or not ``restore_callback_states_from_checkpoint`` is set; the LR scale in that state is applied
+again on resume (the optimizer and scheduler hold the unscaled schedule). With
 ``restore_callback_states_from_checkpoint=True`` the Trainer replaces this callback object by one built from
 the checkpoint, with the checkpoint's config (out_dir included); ``trainer.callback_handler.callbacks`` holds
 the live one.
@@ -67,6 +67,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 from gradience.config import GradienceConfig
 from gradience.controller import GradienceController
 from gradience.errors import ConfigError
+from gradience.lr import unwrap_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -139,8 +140,7 @@ class GradienceCallback(TrainerCallback, ExportableState):
         controller = GradienceController(self.config)
         if saved is not None:
             controller.load_state_dict(saved)
-        controller.initialize(model, optimizer=_unwrap(optimizer, "optimizer"),
-                              scheduler=_unwrap(kwargs.get("lr_scheduler"), "scheduler"),
+        controller.initialize(model, optimizer=optimizer, scheduler=kwargs.get("lr_scheduler"),
                               start_step=state.global_step, resume=resuming)
         self.controller, self.summary, self._resume_state = controller, None, None
         self._remove_hook()
@@ -160,7 +160,7 @@ class GradienceCallback(TrainerCallback, ExportableState):
             return
         optimizer = kwargs.get("optimizer")
         # fp16: accelerate's optimizer wrapper owns the GradScaler; the gate unscales through it.
-        self.controller.before_optimizer_step(kwargs.get("model"), _unwrap(optimizer, "optimizer"),
+        self.controller.before_optimizer_step(kwargs.get("model"), unwrap_optimizer(optimizer),
                                               step=state.global_step + 1, scaler=getattr(optimizer, "scaler", None))
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -231,22 +231,6 @@ def _stop(control: TrainerControl) -> None:
     control.should_training_stop = True
     # The weights at a halt are the faulty ones: a checkpoint of them would be worse than none.
     control.should_save = False
-
-
-def _unwrap(obj: Any, kind: str) -> Any:
-    """The torch optimizer / scheduler inside accelerate's wrappers (LR backoff edits the scheduler's bases)."""
-    if obj is None:
-        return None
-    try:
-        from accelerate.optimizer import AcceleratedOptimizer
-        from accelerate.scheduler import AcceleratedScheduler
-    except ImportError:  # pragma: no cover - transformers' Trainer requires accelerate
-        return obj
-    if kind == "optimizer" and isinstance(obj, AcceleratedOptimizer):
-        return obj.optimizer
-    if kind == "scheduler" and isinstance(obj, AcceleratedScheduler):
-        return obj.scheduler
-    return obj
 
 
 def _check_supported(args: TrainingArguments) -> None:

@@ -1,0 +1,126 @@
+"""Defences of the guard against its own failure modes and its surroundings: probes that raise, a GradScaler
+the loop did not pass, and a launcher's SIGTERM. Each keeps the guard from breaking a healthy run or from
+leaving no report behind.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import signal
+import threading
+import weakref
+from typing import Any
+
+import torch
+
+from gradience.types import Phase
+
+logger = logging.getLogger("gradience")
+
+
+class ProbeHealth:
+    """Counts consecutive probe errors per check and switches a check off after ``limit`` in a row.
+
+    It is fed the *agreed* probe_error flag, so every rank counts the same and switches the same check off
+    in the same step (the collectives stay paired).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._streak = {Phase.GRADS: 0, Phase.STEP: 0}
+        self._off: dict[Phase, str] = {}
+        #: This rank's last probe exception, as text (None when the error was on another rank).
+        self.last_error: str | None = None
+
+    def off(self, phase: Phase) -> bool:
+        """True once the check of ``phase`` was switched off."""
+        return phase in self._off
+
+    def disabled(self) -> dict[str, str]:
+        """Switched-off checks and the error that switched each off (for the summary)."""
+        return {p.value: why for p, why in self._off.items()}
+
+    def record(self, phase: Phase, error: bool) -> dict[str, Any] | None:
+        """Count one agreed result; returns the telemetry fields to report, or None when healthy."""
+        if not error:
+            self._streak[phase] = 0
+            return None
+        self._streak[phase] += 1
+        local, self.last_error = self.last_error, None
+        disable = self._streak[phase] >= self.limit
+        if disable:
+            self._off[phase] = local or "raised on another rank"
+        return {"error": local or "raised on another rank", "consecutive": self._streak[phase],
+                "disabled": disable}
+
+
+def detect_scaler() -> tuple[Any | None, str | None]:
+    """The one enabled, in-use ``torch.amp.GradScaler`` in this process, and a note when that is ambiguous.
+
+    A loop that scales its loss but does not pass ``scaler=`` to the gate would otherwise have its scaled
+    gradients checked against the threshold, and its dropped gradients would make ``scaler.step`` fail with
+    "No inf checks were recorded". Searched once per controller (a walk of the GC's objects).
+    """
+    # type(), not isinstance(): isinstance reads __class__, which wakes deprecation proxies among the objects.
+    found = [o for o in gc.get_objects()
+             if issubclass(type(o), torch.amp.GradScaler) and o.is_enabled() and getattr(o, "_scale", None) is not None]
+    if len(found) == 1:
+        return found[0], "using the GradScaler found in this process (pass scaler= to before_optimizer_step)"
+    if len(found) > 1:
+        return None, (f"{len(found)} GradScalers are in use in this process: pass scaler= to "
+                      "before_optimizer_step, or gradients are checked while still scaled")
+    return None, None
+
+
+def unscale(scaler: Any | None, optimizer: torch.optim.Optimizer | None) -> bool:
+    """Unscale the gradients once (as clipping would) and say whether the scaler found inf/NaN."""
+    if scaler is None or optimizer is None or not scaler.is_enabled():
+        return False
+    from torch.amp.grad_scaler import OptState
+
+    state = scaler._per_optimizer_states[id(optimizer)]
+    if state["stage"] is OptState.READY:
+        scaler.unscale_(optimizer)
+    return bool(sum(v.item() for v in state["found_inf_per_device"].values()))
+
+
+_controllers: weakref.WeakSet = weakref.WeakSet()
+_installed = False
+
+
+def install_sigterm(controller: Any) -> None:
+    """On SIGTERM, let every live controller write its ABORTED summary, then die as the signal intends.
+
+    torchrun sends SIGTERM to the surviving ranks when one fails; without this they leave no report. The
+    previous handler (a user's, or the default) is chained, so nothing else changes. Only from the main
+    thread, where Python allows signal handlers.
+    """
+    global _installed
+    _controllers.add(controller)
+    if _installed or threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        previous = signal.getsignal(signal.SIGTERM)
+    except (ValueError, OSError):
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        for c in list(_controllers):
+            try:
+                c.terminated("SIGTERM")
+            except Exception as e:  # the report must not stop the process from ending
+                logger.debug("Gradience: SIGTERM report failed: %s", e)
+        if callable(previous):
+            previous(signum, frame)
+            return
+        if previous == signal.SIG_IGN:
+            return
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.raise_signal(signal.SIGTERM)
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+        _installed = True
+    except (ValueError, OSError):  # not the main interpreter, or signals unavailable
+        pass

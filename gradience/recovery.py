@@ -1,0 +1,172 @@
+"""Carrying out snapshots and restores for the controller: what a rank captures, how a snapshot is begun,
+committed or abandoned, how a verified shard is put back (model, optimizer, LR in force) and how diverged
+replicas are made bitwise equal again. It owns no policy: the controller decides, this module acts and
+reports each result to telemetry.
+
+Snapshots are keyed by an id the controller hands out in call order (its own clock), never by the loop's
+step number, which is only a label: loops that restart ``enumerate`` each epoch repeat step numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from gradience.comm import Comm
+from gradience.config import GradienceConfig
+from gradience.errors import SnapshotError
+from gradience.lr import LRScale
+from gradience.snapshot import SnapshotStore, agree_all
+from gradience.state import capture_state, restore_state
+from gradience.telemetry import Telemetry
+
+
+@dataclass
+class Target:
+    """What a rank restores into: its model, and optionally optimizer and user checkpoint hooks."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer | None = None
+    save_fn: Callable[[str], None] | None = None
+    load_fn: Callable[[str], None] | None = None
+    get_lr: Callable[[], float] | None = None
+    set_lr: Callable[[float], None] | None = None
+    lr: LRScale | None = None
+
+
+class Recovery:
+    """Snapshot and restore mechanics over one :class:`SnapshotStore` (collective where the store is)."""
+
+    def __init__(self, store: SnapshotStore, comm: Comm, telemetry: Telemetry, config: GradienceConfig,
+                 target: Target) -> None:
+        self.store, self.comm, self.telemetry, self.config, self.target = store, comm, telemetry, config, target
+        #: Snapshot id -> the loop's step label it was taken at (for reports).
+        self.labels: dict[int, int] = {}
+        self.pending_due: int | None = None
+
+    # ---- snapshots
+    def begin(self, sid: int, label: int, meta: dict[str, Any], *, background: bool) -> None:
+        """*Local.* Capture this rank's state as snapshot ``sid`` (labelled ``label``) and start its write."""
+        t = self.target
+        meta = {**meta, "id": sid, "step": label, "rank": self.comm.rank, "world_size": self.comm.world_size}
+        extra = {"guard_state": meta.get("guard_state")}
+        self.labels[sid] = label
+        if t.save_fn is not None:
+            self.store.begin(sid, step=label, meta=meta, extra=extra, save_fn=t.save_fn)
+        else:
+            # A background write reads the copy while training goes on: it must not alias live tensors.
+            copy = self.config.guard_snapshot_tier == "memory" or background
+            self.store.begin(sid, step=label, meta=meta, extra=extra, background=background,
+                             capture=lambda: capture_state(t.model, t.optimizer, copy=copy))
+
+    @property
+    def pending(self) -> int | None:
+        """Id of the snapshot begun and not yet committed or abandoned."""
+        return self.store.pending_id
+
+    def commit(self, at_label: int | None) -> tuple[int, bool]:
+        """*Collective.* Commit the in-flight snapshot; returns (its id, committed?) and reports it."""
+        sid = self.store.pending_id
+        ok = self.store.finish()
+        error = self.store.last_error
+        self.telemetry.emit("snapshot", step=self.labels.get(sid), snapshot_id=sid, committed=ok,
+                            committed_at=at_label, tier=self.config.guard_snapshot_tier,
+                            path=str(self.store.snapshot_dir(sid)) if ok and self.store.tier == "disk" else None,
+                            local_error=f"{type(error).__name__}: {error}" if error else
+                            (None if ok else "another rank failed"))
+        self.pending_due = None
+        return sid, ok
+
+    def abandon(self, at_label: int | None) -> None:
+        """*Local.* Drop the in-flight snapshot (a fault came before its commit)."""
+        sid = self.store.abandon()
+        self.pending_due = None
+        if sid is not None:
+            self.telemetry.emit("snapshot", step=self.labels.get(sid), snapshot_id=sid, committed=False,
+                                committed_at=None, tier=self.config.guard_snapshot_tier, path=None,
+                                abandoned_at=at_label)
+
+    def prune(self, keep: tuple[int, ...]) -> None:
+        """*Collective* (disk tier). Delete snapshots not in ``keep``."""
+        self.store.prune(keep)
+        for sid in [s for s in self.labels if s not in keep and s != self.store.pending_id]:
+            del self.labels[sid]
+
+    # ---- restores
+    def prepare_everywhere(self, sid: int) -> tuple[Any | None, bool]:
+        """*Collective.* (this rank's verified shard of ``sid`` if every rank has one, else None; whether
+        this rank's own shard verified)."""
+        prepared = self.store.prepare(sid)
+        return (prepared if agree_all(self.comm, prepared is not None) else None), prepared is not None
+
+    def restore(self, prepared: Any, lr_scale: float) -> None:
+        """*Local.* Put a verified shard back, keep the LR schedule's position, apply ``lr_scale``.
+
+        The LR in force is read before a user ``load_fn`` runs and put back after it, so a restored
+        checkpoint cannot rewind the schedule or bring back another scale; the guard's scale is then applied
+        where the LR is consumed (:class:`~gradience.lr.LRScale`), whatever the checkpoint carried.
+        """
+        t = self.target
+        optimizer = t.optimizer
+        lrs = [g.get("lr") for g in optimizer.param_groups] if optimizer is not None else None
+        user_lr = t.get_lr() if t.get_lr is not None else None
+        if t.load_fn is not None:
+            t.load_fn(str(prepared.path))
+        else:
+            restore_state(prepared.tensors, prepared.meta, t.model, optimizer)
+        if optimizer is not None:
+            for group, value in zip(optimizer.param_groups, lrs, strict=True):
+                group["lr"] = value
+        if t.lr is not None:
+            t.lr.set(lr_scale)
+        elif t.set_lr is not None and user_lr is not None:
+            # The seed's API: the user's set_lr owns persistence across their scheduler.
+            t.set_lr(user_lr * self.config.guard_lr_backoff)
+
+    def repair_replicas(self) -> None:
+        """*Collective.* Make every replica bitwise equal to group rank 0's restored state (after a
+        divergence: each rank restored its own shard, and rank 0's is the agreed one)."""
+        self.comm.broadcast_(state_tensors(self.target.model, self.target.optimizer), src=0)
+
+
+def state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
+    """Every dense tensor of the model's state and the optimizer's state, each storage once, in an order
+    that is the same on every replica."""
+    out: list[torch.Tensor] = []
+    seen: set[tuple] = set()
+
+    def add(t: Any) -> None:
+        if isinstance(t, torch.Tensor) and not t.is_sparse and t.numel():
+            # Tied weights and views share storage: each is sent once.
+            key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+            if key not in seen:
+                seen.add(key)
+                out.append(t.detach())
+
+    for t in model.state_dict(keep_vars=True).values():
+        add(t)
+    if optimizer is not None:
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        for p in params:
+            for _key, value in sorted(optimizer.state.get(p, {}).items()):
+                if isinstance(value, (list, tuple)):
+                    for item in value:
+                        add(item)
+                else:
+                    add(value)
+    return out
+
+
+def check_backoff_target(target: Target) -> str | None:
+    """Why an LR backoff cannot take effect for this target, or None when it can."""
+    if target.lr is not None and not target.lr.supported:
+        name = type(target.optimizer).__name__ if target.optimizer is not None else "optimizer"
+        return (f"{name} has no numeric learning rate in any param group (e.g. Adafactor with relative_step): "
+                "a rollback restores the state but cannot lower the LR")
+    return None
+
+
+__all__ = ["Recovery", "SnapshotError", "Target", "check_backoff_target", "state_tensors"]
