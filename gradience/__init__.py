@@ -16,6 +16,7 @@ from gradience.errors import (
     GuardHalted,
     SnapshotError,
 )
+from gradience.resume import load_snapshot
 from gradience.types import Action, Decision, GuardState, Reason, RiskLevel, Verdict
 
 __version__ = "0.1.0"
@@ -40,6 +41,7 @@ __all__ = [
     "Verdict",
     "__version__",
     "exit_process",
+    "load_snapshot",
 ]
 
 

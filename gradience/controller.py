@@ -19,21 +19,22 @@ from gradience import policy
 from gradience.comm import Comm, default_comm
 from gradience.config import GradienceConfig
 from gradience.consensus import agree
-from gradience.errors import EXIT_GUARD_HALTED, CollectiveError, ConfigError, SnapshotError
+from gradience.effects import Effects
+from gradience.errors import EXIT_GUARD_HALTED, ConfigError, SnapshotError
 from gradience.guardrails import ProbeHealth, detect_scaler, install_sigterm, unscale
 from gradience.lr import LRScale, current_lr, unwrap_optimizer, unwrap_scheduler
 from gradience.probe import bad_tensors, fingerprint_tensor, parameters, probe_grads, probe_step
-from gradience.recovery import Recovery, Target, check_backoff_target
-from gradience.rundir import RunLock, snapshot_root
-from gradience.snapshot import SnapshotStore, agree_all
-from gradience.telemetry import Telemetry, telemetry_filename
-from gradience.types import Action, Decision, GuardState, Phase, ProbeReport, Reason, Verdict
+from gradience.recovery import Recovery, Target, check_replicas
+from gradience.rundir import RunLock, lock_everywhere, snapshot_root
+from gradience.snapshot import SnapshotStore
+from gradience.telemetry import Telemetry
+from gradience.types import Action, GuardState, Phase, ProbeReport, Reason, Verdict
 
 STATE_VERSION = 2
 logger = logging.getLogger(__name__)
 
 
-class GradienceController:
+class GradienceController(Effects):
     """Guards a training loop. Call :meth:`initialize` once, then per step
     :meth:`before_optimizer_step` (optional gradient gate) and :meth:`step`; :meth:`finalize` at the end.
 
@@ -74,6 +75,8 @@ class GradienceController:
         self._health = ProbeHealth(self.config.probe_error_limit)
         self._lock: RunLock | None = None
         self._warned_backoff = False
+        #: Step label of the snapshot ``initialize(resume="latest")`` continued from (None: a fresh start).
+        self.resumed_step: int | None = None
         self._prior = self.state
         self._pending_verified = True
 
@@ -89,7 +92,7 @@ class GradienceController:
         optimizer: torch.optim.Optimizer | None = None,
         scheduler: Any | None = None,
         start_step: int = -1,
-        resume: bool = False,
+        resume: bool | str = False,
     ) -> None:
         """Attach to a model and take the initial snapshot (collective).
 
@@ -97,8 +100,15 @@ class GradienceController:
         itself as safetensors and applies the LR backoff where the optimizer consumes the LR, or pass
         ``save_fn(path)`` / ``load_fn(path)`` that write / restore a checkpoint at ``path`` and ``get_lr()`` /
         ``set_lr(lr)``. Optimizers and schedulers wrapped by accelerate are unwrapped here. ``start_step``
-        labels the initial snapshot (the step before the first one the loop will report); ``resume=True``
-        appends to the telemetry files instead of starting them anew. Every rank must call this.
+        labels the initial snapshot (the step before the first one the loop will report). Every rank must
+        call this.
+
+        ``resume="latest"``: continue a crashed or requeued run from the newest committed snapshot in
+        ``out_dir`` whose shards verify on every rank — model, optimizer, scheduler, LR scale and guard state
+        (rollback budget, counts) — instead of clearing the directory; :attr:`resumed_step` is then its step
+        (None when there was none and the run started fresh, which telemetry and the log say). The world
+        size must match the snapshot's. ``resume=True`` only appends to the telemetry files (the Trainer
+        callback uses it when the Trainer resumes from its own checkpoint).
         """
         if self.telemetry is not None:
             raise RuntimeError("GradienceController.initialize() was already called; use a new controller")
@@ -121,9 +131,9 @@ class GradienceController:
             self.comm = default_comm(self._group, timeout_s=self.config.collective_timeout_s)
         comm = self.comm
         out = Path(self.config.out_dir)
-        self._lock = self._take_lock(out)
+        self._lock = lock_everywhere(out, comm, self.global_rank)
         self.telemetry = Telemetry(out, rank=self.global_rank, redact_max_chars=self.config.redact_max_chars,
-                                   append=resume, world_size=comm.world_size, group_rank=comm.rank,
+                                   append=bool(resume), world_size=comm.world_size, group_rank=comm.rank,
                                    log_all_ranks=self.config.log_all_ranks, summary_writer=comm.rank == 0)
         self.telemetry.emit("start", world_size=comm.world_size, global_ranks=list(self.global_ranks),
                             config=self.config.to_dict())
@@ -134,12 +144,15 @@ class GradienceController:
         install_sigterm(self)
         if not guard:
             return
-        self._check_replicas_at_start()
+        if self.config.fingerprint_interval:
+            self._collective(None, check_replicas, self.comm, self.model)
         root = snapshot_root(out, list(self.global_ranks), world_size=_world_size() or comm.world_size)
         self.store = SnapshotStore(root, comm, tier=self.config.guard_snapshot_tier, global_rank=self.global_rank)
-        self._collective(None, self.store.reset)
-        target = Target(model, optimizer, save_fn, load_fn, get_lr, set_lr, self.lr)
+        target = Target(model, optimizer, save_fn, load_fn, get_lr, set_lr, self.lr, scheduler)
         self.recovery = Recovery(self.store, comm, self.telemetry, self.config, target)
+        if resume == "latest" and self._resume_latest():
+            return
+        self._collective(None, self.store.reset)
         # reset() removed every earlier snapshot: a restored GuardState must not name them as targets.
         self.state = dataclasses.replace(self.state, committed=(), target_failures=(), episode_target=None)
         self._snapshot(start_step, background=False)
@@ -352,84 +365,6 @@ class GradienceController:
         if self.lr is not None:
             self.lr.set(self.state.lr_scale)
 
-    # ------------------------------------------------------------------------------------------ effects
-    def _act(self, step: int, verdict: Verdict, decision: Decision, *, verified: bool = True) -> None:
-        rec = self.recovery
-        if rec is not None and rec.pending is not None:
-            # Every rank sees the same decisions and ticks, so they finish or drop it at the same point.
-            if decision.action in (Action.ROLLBACK, Action.HALT):
-                rec.abandon(step)
-            elif decision.action is Action.SNAPSHOT or self.steps_seen >= rec.pending_due:
-                self._commit(step)
-        if decision.action is Action.SNAPSHOT:
-            self._snapshot(step, background=self.config.guard_snapshot_commit_lag > 0, verified=verified)
-        elif decision.action is Action.ROLLBACK:
-            self._rollback(step, verdict, decision)
-        elif decision.action is Action.HALT:
-            self._emit_halt(step, verdict, decision)
-
-    def _snapshot(self, step: int, *, background: bool, verified: bool = True) -> None:
-        sid, self._next_sid = self._next_sid, self._next_sid + 1
-        meta = {"lr_scale": self.state.lr_scale, "guard_state": self.state.to_dict(), "verified": verified,
-                "tick": self._tick0 + self.steps_seen - 1}
-        self.recovery.begin(sid, step, meta, background=background)
-        self._pending_verified = verified
-        if background:
-            self.recovery.pending_due = self.steps_seen + self.config.guard_snapshot_commit_lag
-        else:
-            self._commit(step)
-
-    def _commit(self, step: int) -> None:
-        sid, ok = self._collective(step, self.recovery.commit, step)
-        if ok:
-            self.state = policy.on_snapshot_committed(self.state, sid, self.config, verified=self._pending_verified)
-            self._collective(step, self.recovery.prune, self.state.committed)
-
-    def _rollback(self, step: int, verdict: Verdict, decision: Decision) -> None:
-        first_reason = decision.reason
-        bad = self._bad(None, grads=False) if self.comm.rank in verdict.faulty_ranks else None
-        while decision.action is Action.ROLLBACK:
-            sid = decision.target_step
-            prepared, local_ok = self._collective(step, self.recovery.prepare_everywhere, sid)
-            if prepared is not None:
-                self._restore_everywhere(step, prepared)
-                if verdict.replica_divergence:
-                    self._collective(step, self.recovery.repair_replicas)
-                self.telemetry.emit(
-                    "rollback_success", step=step, to_step=self.recovery.labels.get(sid), to_snapshot=sid,
-                    reason=first_reason, lr=self._lr(), lr_scale=self.state.lr_scale, **self._blame(verdict),
-                    bad=bad, total_rollbacks=self.state.total_rollbacks,
-                    replicas_repaired=verdict.replica_divergence)
-                self._warn_backoff(step)
-                return
-            self.telemetry.emit("rollback_failed", step=step, to_step=self.recovery.labels.get(sid), to_snapshot=sid,
-                                reason="SNAPSHOT_UNREADABLE", local_ok=local_ok)
-            self.state, decision = policy.on_restore_failed(self.state, sid, self.config)
-            self._collective(step, self.recovery.prune, self.state.committed)
-        # Nothing was restored: no rollback happened and no LR was backed off.
-        s = self.state
-        self.state = dataclasses.replace(self._prior, committed=s.committed, target_failures=s.target_failures,
-                                         first_fault_step=s.first_fault_step, first_fault_ranks=s.first_fault_ranks,
-                                         halted=True, halt_reason=s.halt_reason)
-        self._emit_halt(step, verdict, decision)
-
-    def _emit_halt(self, step: int, verdict: Verdict, decision: Decision) -> None:
-        self.telemetry.emit("abort", step=step, reason=decision.reason, **self._blame(verdict),
-                            total_rollbacks=self.state.total_rollbacks)
-
-    def _restore_everywhere(self, step: int, prepared: Any) -> None:
-        """Restore on this rank, then agree that every rank managed; a failure anywhere stops every rank."""
-        error = None
-        try:
-            self.recovery.restore(prepared, self.state.lr_scale)
-        except Exception as e:  # the model may be half-restored: no rank may train on
-            error = e
-        if not self._collective(step, agree_all, self.comm, error is None):
-            where = f"on this rank: {type(error).__name__}: {error}" if error else "on another rank"
-            self.state = dataclasses.replace(self.state, halted=True, halt_reason=Reason.RESTORE_FAILED)
-            self._emit_fatal(step, "RESTORE_FAILED", where)
-            raise SnapshotError(f"restoring snapshot {prepared.step} failed {where}") from error
-
     # ------------------------------------------------------------------------------------------ plumbing
     def _probe(self, phase: Phase, step: int, fn: Callable[[], ProbeReport]) -> ProbeReport:
         try:
@@ -448,43 +383,6 @@ class GradienceController:
     def _agree(self, report: ProbeReport) -> Verdict:
         return self._collective(report.step, agree, report, self.comm)
 
-    def _collective(self, step: int | None, fn: Callable[..., Any], *args: Any) -> Any:
-        try:
-            return fn(*args)
-        except CollectiveError as e:
-            self._aborted = "COLLECTIVE_MISMATCH" if "mismatch" in type(e).__name__.lower() else "CONSENSUS_TIMEOUT"
-            self._emit_fatal(step, self._aborted, str(e))
-            raise
-
-    def _emit_fatal(self, step: int | None, reason: str, error: str) -> None:
-        """An error that stops every rank: the event, and summaries that say ABORTED (the caller raises).
-
-        Every rank writes its own ``summary_rank<r>.json``, and group rank 0 ``summary.json`` too: the rank
-        that died may be rank 0."""
-        self.telemetry.emit("abort", step=step, reason=reason, error=error)
-        summary = self.summary()
-        self.telemetry.write_summary(summary, name=f"summary_rank{self.global_rank}.json", force=True)
-        self.telemetry.write_summary(summary)
-
-    def terminated(self, signame: str) -> None:
-        """Record that the process is being stopped by a signal (the launcher stops survivors of a failed
-        peer this way): an ABORTED summary for this rank, written before the process goes."""
-        if self.telemetry is None or self.halted:
-            return
-        self._aborted = f"TERMINATED ({signame})"
-        self._emit_fatal(self.last_step, "TERMINATED", f"{signame} received (a launcher stops the surviving "
-                         "ranks this way when a peer fails)")
-
-    def _check_replicas_at_start(self) -> None:
-        """With fingerprints on, the initial snapshot must be of equal replicas too."""
-        if not self.config.fingerprint_interval or self.comm.world_size == 1:
-            return
-        report = ProbeReport(phase=Phase.STEP, step=self._tick0 - 1,
-                             fingerprint=float(fingerprint_tensor(parameters(self.model))))
-        if self._agree(report).replica_divergence:
-            raise ConfigError("fingerprint_interval is on but the replicas' parameters differ at initialize: "
-                              "start every rank from the same weights (DDP broadcasts them when it wraps the model)")
-
     def _detected_scaler(self) -> Any | None:
         if not self._scaler_searched and self.optimizer is not None:
             self._scaler_searched = True
@@ -492,31 +390,6 @@ class GradienceController:
             if note:
                 logger.warning("Gradience: %s", note)
         return self._scaler
-
-    def _take_lock(self, out: Path) -> RunLock:
-        error = None
-        lock = RunLock(out, self.global_rank)
-        try:
-            lock.acquire()
-        except ConfigError as e:
-            error = e
-        if not agree_all(self.comm, error is None):  # nobody goes on (or deletes anything) alone
-            if error is None:
-                lock.release()
-            raise error or ConfigError(f"out_dir {out} is in use by another live run (seen by another rank)")
-        return lock
-
-    def _warn_backoff(self, step: int) -> None:
-        why = check_backoff_target(self.recovery.target)
-        if why and not self._warned_backoff:
-            self._warned_backoff = True
-            self.telemetry.emit("lr_backoff_unavailable", step=step, detail=why)
-
-    def _blame(self, verdict: Verdict) -> dict[str, Any]:
-        ranks = list(verdict.faulty_ranks)
-        g = [self.global_ranks[r] for r in ranks if r < len(self.global_ranks)]
-        # Each faulty rank names its own bad tensors ("bad") in its own telemetry file.
-        return {"faulty_ranks": ranks, "faulty_global_ranks": g, "evidence_in": [telemetry_filename(r) for r in g]}
 
     def _weights_fingerprint(self) -> str | None:
         if self.model is None:

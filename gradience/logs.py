@@ -346,6 +346,8 @@ def _lr_backoff_unavailable(lg: EventLogger, r: Mapping[str, Any]) -> _Out:
 
 
 def _resume(lg: EventLogger, r: Mapping[str, Any]) -> _Out:
+    if r.get("step") is None and r.get("detail"):
+        return logging.INFO, f"resume: {_t(r.get('detail'))}", False
     path = f" ({_t(r.get('path'))})" if r.get("path") else ""
     scale = f"; LR scale {_t(r.get('lr_scale'))}" if r.get("lr_scale") is not None else ""
     return logging.INFO, f"resumed at step {_t(r.get('step'))}{path}{scale}", False

@@ -9,6 +9,7 @@ step number, which is only a label: loops that restart ``enumerate`` each epoch 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,8 +18,9 @@ import torch
 
 from gradience.comm import Comm
 from gradience.config import GradienceConfig
-from gradience.errors import SnapshotError
+from gradience.errors import ConfigError, SnapshotError
 from gradience.lr import LRScale
+from gradience.probe import fingerprint_tensor, parameters
 from gradience.snapshot import SnapshotStore, agree_all
 from gradience.state import capture_state, restore_state
 from gradience.telemetry import Telemetry
@@ -35,6 +37,7 @@ class Target:
     get_lr: Callable[[], float] | None = None
     set_lr: Callable[[float], None] | None = None
     lr: LRScale | None = None
+    scheduler: Any | None = None
 
 
 class Recovery:
@@ -51,7 +54,8 @@ class Recovery:
     def begin(self, sid: int, label: int, meta: dict[str, Any], *, background: bool) -> None:
         """*Local.* Capture this rank's state as snapshot ``sid`` (labelled ``label``) and start its write."""
         t = self.target
-        meta = {**meta, "id": sid, "step": label, "rank": self.comm.rank, "world_size": self.comm.world_size}
+        meta = {**meta, "id": sid, "step": label, "rank": self.comm.rank, "world_size": self.comm.world_size,
+                "scheduler": _jsonable_state(t.scheduler)}
         extra = {"guard_state": meta.get("guard_state")}
         self.labels[sid] = label
         if t.save_fn is not None:
@@ -126,6 +130,23 @@ class Recovery:
             # The seed's API: the user's set_lr owns persistence across their scheduler.
             t.set_lr(user_lr * self.config.guard_lr_backoff)
 
+    def resume(self, prepared: Any) -> None:
+        """*Local.* Put a verified shard back for a resumed run: model, optimizer and the scheduler's state
+        (schedule position included, unlike a rollback: the loop continues from the snapshot's step)."""
+        t = self.target
+        if t.load_fn is not None:
+            t.load_fn(str(prepared.path))
+        else:
+            restore_state(prepared.tensors, prepared.meta, t.model, t.optimizer)
+        saved = prepared.meta.get("scheduler")
+        if t.scheduler is not None and saved is not None:
+            t.scheduler.load_state_dict(saved)
+            # load_state_dict sets the scheduler's position only; the groups get its LR as a step would.
+            last = getattr(t.scheduler, "_last_lr", None)
+            if t.optimizer is not None and isinstance(last, list) and len(last) == len(t.optimizer.param_groups):
+                for group, lr in zip(t.optimizer.param_groups, last, strict=True):
+                    group["lr"] = lr
+
     def repair_replicas(self) -> None:
         """*Collective.* Make every replica bitwise equal to group rank 0's restored state (after a
         divergence: each rank restored its own shard, and rank 0's is the agreed one)."""
@@ -160,6 +181,29 @@ def state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Non
     return out
 
 
+def check_replicas(comm: Comm, model: torch.nn.Module) -> None:
+    """*Collective.* With fingerprints on, the initial snapshot must be of equal replicas too."""
+    if comm.world_size == 1:
+        return
+    fp = float(fingerprint_tensor(parameters(model)))
+    vec = comm.all_reduce_max(torch.tensor([fp, -fp], dtype=torch.float64), kind="verify")
+    if vec[0] != -vec[1]:
+        raise ConfigError("fingerprint_interval is on but the replicas' parameters differ at initialize: start "
+                          "every rank from the same weights (DDP broadcasts them when it wraps the model)")
+
+
+def _jsonable_state(scheduler: Any) -> dict[str, Any] | None:
+    """The scheduler's state_dict if it survives JSON (it rides in the shard's metadata), else None."""
+    if scheduler is None or not hasattr(scheduler, "state_dict"):
+        return None
+    try:
+        state = scheduler.state_dict()
+        json.dumps(state)
+        return state
+    except (TypeError, ValueError):  # lambdas, tensors: the loop's own checkpoint must carry it
+        return None
+
+
 def check_backoff_target(target: Target) -> str | None:
     """Why an LR backoff cannot take effect for this target, or None when it can."""
     if target.lr is not None and not target.lr.supported:
@@ -169,4 +213,4 @@ def check_backoff_target(target: Target) -> str | None:
     return None
 
 
-__all__ = ["Recovery", "SnapshotError", "Target", "check_backoff_target", "state_tensors"]
+__all__ = ["Recovery", "SnapshotError", "Target", "check_backoff_target", "check_replicas", "state_tensors"]

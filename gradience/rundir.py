@@ -25,6 +25,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from gradience.errors import ConfigError
 
@@ -165,3 +166,20 @@ def _describe(info: dict[str, object] | None) -> str:
     if not info:
         return "holder unknown: it has not written its pid yet"
     return f"pid {info.get('pid', '?')} on host {info.get('host', '?')} since {info.get('since', '?')}"
+
+
+def lock_everywhere(out_dir: str | Path, comm: Any, global_rank: int) -> RunLock:
+    """*Collective.* Every rank takes its :class:`RunLock`, then all agree: if any rank found ``out_dir``
+    in use, every rank releases and raises ConfigError — nobody goes on, or deletes anything, alone."""
+    from gradience.snapshot import agree_all
+
+    lock = RunLock(out_dir, global_rank)
+    error = None
+    try:
+        lock.acquire()
+    except ConfigError as e:
+        error = e
+    if not agree_all(comm, error is None):
+        lock.release()
+        raise error or ConfigError(f"out_dir {out_dir} is in use by another live run (seen by another rank)")
+    return lock

@@ -48,14 +48,21 @@ def main() -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ctl = GradienceController(out_dir=str(out), process_group=group, guard_snapshot_interval=4,
                               collective_timeout_s=float(os.environ.get("GUARD_TIMEOUT", "3")))
+    if scenario == "crash_write" and rank == 1:
+        _kill_inside_shard_write("snap_00000004")
     try:
-        ctl.initialize(model, optimizer=opt)
+        ctl.initialize(model, optimizer=opt, resume="latest" if scenario == "resume" else False)
     except ConfigError as e:
         result["config_error"] = str(e)
         return finish(2)
+    if scenario == "resume":
+        result.update(resumed_step=ctl.resumed_step, lr_scale=ctl.lr_scale,
+                      total_rollbacks=ctl.state.total_rollbacks,
+                      weights=[p.detach().tolist() for p in model.parameters()])
     steps = int(os.environ.get("STEPS", "12"))
+    first = ctl.resumed_step + 1 if ctl.resumed_step is not None else 0
     try:
-        for step in range(steps):
+        for step in range(first, steps):
             opt.zero_grad()
             loss = mlp_loss(ddp, step * world + rank)
             loss.backward()  # DDP's own all-reduce: the peer stops after it, inside the guard's reach
@@ -63,12 +70,17 @@ def main() -> int:
                 os.kill(os.getpid(), signal.SIGSTOP)  # what a hung host looks like
             if scenario == "die" and rank == 0 and step == 5:
                 os._exit(17)
+            if scenario == "crash" and rank == 1 and step == 10:
+                os.kill(os.getpid(), signal.SIGKILL)
             if scenario == "sigterm" and step == 5:
                 (out / f"ready_rank{rank}").write_text("")
                 time.sleep(60)  # the test sends SIGTERM now
             skip_gate = scenario == "mismatch" and rank == 1 and step == 3
             if skip_gate or ctl.before_optimizer_step(model, opt):
                 opt.step()
+            if scenario.startswith("crash") and rank == 0 and step == 6:
+                with torch.no_grad():
+                    model[0].weight.view(-1)[0] = float("nan")
             if scenario == "subgroups" and rank in (2, 3) and step == 6:
                 with torch.no_grad():
                     model[0].weight.view(-1)[0] = float("nan")
@@ -86,6 +98,23 @@ def main() -> int:
         raise
     result["summary"] = ctl.finalize()
     return finish(0)
+
+
+def _kill_inside_shard_write(snap_dir: str) -> None:
+    """SIGKILL this process half-way through writing its shard of the snapshot in ``snap_dir``."""
+    import gradience.shardio as sio
+
+    write = sio.write_planned
+
+    def dying(path, head, raws):
+        if path.parent.name == snap_dir:
+            with open(path.with_name(path.name + sio.TMP_SUFFIX), "wb") as f:
+                f.write(head)
+                f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return write(path, head, raws)
+
+    sio.write_planned = dying
 
 
 if __name__ == "__main__":
