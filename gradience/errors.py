@@ -34,6 +34,9 @@ class CollectiveMismatch(CollectiveError):
 class GuardHalted(GradienceError):
     """Training was stopped by the guard; ``reason`` is one of the :class:`~gradience.types.Reason` values."""
 
+    #: The process exit status a halted run should end with (:data:`EXIT_GUARD_HALTED`).
+    exit_code = EXIT_GUARD_HALTED
+
     def __init__(self, reason: str, message: str = "") -> None:
         super().__init__(message or f"training halted by Gradience: {reason}")
         self.reason = reason

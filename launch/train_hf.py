@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
-    from gradience import GradienceCallback, GradienceConfig
+    from gradience import GradienceCallback, GradienceConfig, GuardHalted
 
     config = GradienceConfig.from_yaml(a.gradience_config) if a.gradience_config else GradienceConfig()
     if a.gradience_out_dir:
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     check_world_size(expected, args.world_size)
     rank = args.process_index
 
-    callback = GradienceCallback(config)
+    callback = GradienceCallback(config)  # on_halt="raise": a guard halt ends train() with GuardHalted
     injector = make_injector(a.inject_nan_step, a.inject_grad_nan_step, a.inject_rank, rank)
     model = make_model(a.seq_len, a.seed)
     trainer = Trainer(model=model, args=args, train_dataset=ByteText(a.seq_len), callbacks=[injector, callback])
@@ -190,7 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         resume = get_last_checkpoint(a.output_dir) if os.path.isdir(a.output_dir) else None
         if resume is None:
             print(f"train_hf.py: --resume: no checkpoint in {a.output_dir}; starting fresh", file=sys.stderr)
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except GuardHalted as e:
+        # Every rank halts in the same step; the guard already logged the reason (ERROR) and wrote the summary.
+        print(f"train_hf.py: rank {rank}: {e}", file=sys.stderr, flush=True)
 
     # With restore_callback_states_from_checkpoint the Trainer may have replaced the callback object.
     live = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, GradienceCallback))

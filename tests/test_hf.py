@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 from accelerate.commands.config.config_args import load_config_from_file  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from gradience import EXIT_GUARD_HALTED, ConfigError, GradienceConfig  # noqa: E402
+from gradience import EXIT_GUARD_HALTED, ConfigError, GradienceConfig, GuardHalted  # noqa: E402
 from gradience.integrations.hf import GradienceCallback  # noqa: E402
 from tests.hf_helpers import (  # noqa: E402
     BASE_LR,
@@ -161,6 +161,12 @@ def test_weight_nan_one_rollback_lr_backoff_kept_by_scheduler(tmp_path, precisio
     for step, lr in logged(trainer, "learning_rate").items():
         assert lr == pytest.approx(linear_lr(step, total), rel=1e-9, abs=1e-15), step
     assert rb[0]["lr"] == pytest.approx(linear_lr(fault + 1, total) * 0.5)
+    # The guard's own metrics reach the Trainer's logs (and so TensorBoard / W&B / the console).
+    hist = {h["step"]: h for h in trainer.state.log_history if "gradience/lr_scale" in h}
+    assert sorted(hist) == sorted(logged(trainer, "loss"))
+    assert (hist[fault - 1]["gradience/lr_scale"], hist[fault - 1]["gradience/rollbacks"]) == (1.0, 0)
+    assert (hist[total]["gradience/lr_scale"], hist[total]["gradience/rollbacks"]) == (0.5, 1)
+    assert hist[total]["gradience/integrity"] == 1  # RECOVERED
 
 
 def test_nan_gradient_skips_step_and_leaves_optimizer_state(tmp_path):
@@ -180,11 +186,18 @@ def test_nan_gradient_skips_step_and_leaves_optimizer_state(tmp_path):
     assert all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters())
 
 
-def test_persistent_fault_halts_without_checkpointing_bad_weights(tmp_path):
+@pytest.mark.parametrize("on_halt", ["raise", "stop"])
+def test_persistent_fault_halts_without_checkpointing_bad_weights(tmp_path, on_halt, caplog):
     out = tmp_path / "g"
-    cb = GradienceCallback(out_dir=str(out), guard_snapshot_interval=5, guard_max_rollbacks=2)
+    cb = GradienceCallback(out_dir=str(out), guard_snapshot_interval=5, guard_max_rollbacks=2, on_halt=on_halt)
     trainer = make_trainer(tmp_path / "o", [WeightNaN(set(range(12, 40))), cb], max_steps=40, save_steps=14)
-    trainer.train()
+    if on_halt == "raise":  # the default: impossible to miss
+        with pytest.raises(GuardHalted, match="ROLLBACK_BUDGET_EXHAUSTED") as info:
+            trainer.train()
+        assert info.value.exit_code == EXIT_GUARD_HALTED
+    else:
+        trainer.train()
+    assert any(r.levelname == "ERROR" and "halted training at step 14" in r.getMessage() for r in caplog.records)
     # Faults at 12 and 13 roll back (budget 2); the fault at 14 halts, a step whose checkpoint is cancelled.
     assert trainer.state.global_step == 14
     assert [e["step"] for e in events(out, "rollback_success")] == [12, 13]
@@ -283,6 +296,25 @@ def test_accelerate_cpu_recipe_two_ranks_roll_back_and_skip_together(tmp_path):
     assert res[0]["weights_sha256"] == res[1]["weights_sha256"]  # replicas still bitwise identical
     assert all(x["weights_finite"] and math.isfinite(x["final_loss"]) for x in res)
     assert res[0]["base_lrs"] == res[1]["base_lrs"] == pytest.approx([3e-3, 3e-3])  # the bare schedule
+
+
+@pytest.mark.slow
+def test_a_halt_under_torchrun_ends_every_rank_with_status_3(tmp_path):
+    g, o = tmp_path / "g", tmp_path / "o"
+    cfg = tmp_path / "halt.yaml"
+    cfg.write_text("gradience:\n  guard_max_rollbacks: 0\n  guard_snapshot_interval: 5\n")
+    r = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", "launch/train_hf.py",
+                        "--gradience_config", str(cfg), "--gradience_out_dir", str(g), "--output_dir", str(o),
+                        "--expect_world_size", "2", "--max_steps", "20", "--inject-nan-step", "8",
+                        "--inject-rank", "1"], cwd=ROOT, env=launch_env(), capture_output=True, text=True,
+                       timeout=240)
+    text = r.stdout + r.stderr
+    assert r.returncode != 0, text[-3000:]
+    res = [json.loads((o / f"train_result_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [x["exit_code"] for x in res] == [3, 3] and [x["global_step"] for x in res] == [8, 8]
+    assert text.count("exitcode  : 3") == 2  # torchrun's failure report lists both ranks with status 3
+    assert "raise GuardHalted" not in text  # no traceback from our side
+    assert "halted training at step 8: ROLLBACK_BUDGET_EXHAUSTED" in text  # the guard's ERROR line
 
 
 @pytest.mark.slow

@@ -66,7 +66,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from gradience.config import GradienceConfig
 from gradience.controller import GradienceController
-from gradience.errors import ConfigError
+from gradience.errors import ConfigError, GuardHalted
 from gradience.lr import unwrap_optimizer
 
 logger = logging.getLogger(__name__)
@@ -88,9 +88,14 @@ class GradienceCallback(TrainerCallback, ExportableState):
             :class:`~gradience.errors.ConfigError` naming it.
     """
 
-    def __init__(self, config: GradienceConfig | None = None, **fields: Any) -> None:
+    def __init__(self, config: GradienceConfig | None = None, *, on_halt: str = "raise", **fields: Any) -> None:
+        if on_halt not in ("raise", "stop"):
+            raise ConfigError(f"on_halt must be 'raise' or 'stop', got {on_halt!r}")
         base = config if config is not None else GradienceConfig()
         self.config: GradienceConfig = base.replace(**fields) if fields else base
+        #: "raise": a guard halt ends ``trainer.train()`` with :class:`~gradience.errors.GuardHalted` (after the
+        #: summary is written); "stop": training stops early and ``train()`` returns (check :attr:`halted`).
+        self.on_halt = on_halt
         #: The controller of the current (or last) ``train()`` call; None before training starts.
         self.controller: GradienceController | None = None
         #: What ``finalize()`` returned at the end of the last ``train()`` call.
@@ -100,6 +105,7 @@ class GradienceCallback(TrainerCallback, ExportableState):
         self._hook: torch.utils.hooks.RemovableHandle | None = None
         self._losses: list[torch.Tensor] = []
         self._loss_normalized = False
+        self._metrics = _Metrics(self)
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> GradienceCallback:
@@ -145,6 +151,7 @@ class GradienceCallback(TrainerCallback, ExportableState):
         self.controller, self.summary, self._resume_state = controller, None, None
         self._remove_hook()
         self._losses.clear()
+        self._metrics.install(self)
         # A forward hook sees every micro-batch's loss as the model returns it; callbacks are not given it.
         self._hook = model.register_forward_hook(self._record_loss, with_kwargs=True)
 
@@ -182,10 +189,23 @@ class GradienceCallback(TrainerCallback, ExportableState):
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
-        """Write ``summary.json`` and the final telemetry."""
+        """Write ``summary.json`` and the final telemetry; raise GuardHalted after a halt (``on_halt="raise"``)."""
         self._remove_hook()
         if self.controller is not None and self.controller.telemetry is not None and self.summary is None:
             self.summary = self.controller.finalize()
+        if self.halted and self.on_halt == "raise":
+            guard = (self.summary or {}).get("guard", {})
+            reason = guard.get("halt_reason") or "HALTED"
+            raise GuardHalted(reason, f"Gradience halted training at step {self.controller.last_step}: {reason} "
+                              f"after {guard.get('total_rollbacks')} rollback(s); see "
+                              f"{self.controller.telemetry.summary_path}. The weights of the faulty step were not "
+                              "checkpointed; the newest good state is in the snapshots (gradience.load_snapshot).")
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        """Add the guard's metrics to what the Trainer logs (when the front-runner could not be installed)."""
+        if not self._metrics.installed:
+            self._metrics.on_log(args, state, control, logs=logs)
 
     # ------------------------------------------------------------------------------------------ plumbing
     def _record_loss(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -225,6 +245,55 @@ class GradienceCallback(TrainerCallback, ExportableState):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+
+
+#: ``gradience/integrity`` as a number, so scalar loggers (TensorBoard, W&B) can plot it.
+INTEGRITY_CODES = {"OK": 0, "RECOVERED": 1, "FAULTED": 2, "ABORTED": 3}
+
+
+class _Metrics(TrainerCallback):
+    """Adds ``gradience/*`` metrics to every Trainer log. Installed at the FRONT of the Trainer's callback list:
+    the Trainer hands ``logs`` to its reporting callbacks (TensorBoard, W&B, ...) before user callbacks and
+    appends it to ``log_history`` before any callback runs, so a callback at the user's position would be
+    too late for both."""
+
+    def __init__(self, owner: GradienceCallback) -> None:
+        self.owner = owner
+        self.installed = False
+
+    def install(self, owner: GradienceCallback) -> None:
+        """Put this callback first in the handler that holds ``owner`` (found through the GC's referrers)."""
+        import gc
+
+        from transformers.trainer_callback import CallbackHandler
+
+        if self.installed:
+            return
+        for holder in gc.get_referrers(owner):
+            if not isinstance(holder, list):
+                continue
+            for handler in gc.get_referrers(holder):
+                if isinstance(handler, CallbackHandler) and handler.callbacks is holder:
+                    # A new list: the handler is iterating the old one right now (this runs inside an event).
+                    handler.callbacks = [self, *holder]
+                    self.installed = True
+                    return
+
+    def on_log(self, args: Any, state: TrainerState, control: TrainerControl, logs: dict | None = None,
+               **kwargs: Any) -> None:
+        """Add the metrics to ``logs`` (seen by every later callback) and to the log_history entry."""
+        ctl = self.owner.controller
+        if ctl is None or logs is None:
+            return
+        metrics = {
+            "gradience/lr_scale": ctl.lr_scale,
+            "gradience/rollbacks": ctl.state.total_rollbacks,
+            "gradience/skipped_steps": ctl.state.skipped_steps,
+            "gradience/integrity": INTEGRITY_CODES[ctl.integrity_status()],
+        }
+        logs.update(metrics)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(metrics)
 
 
 def _stop(control: TrainerControl) -> None:
