@@ -21,7 +21,7 @@ from gradience.config import GradienceConfig
 from gradience.consensus import agree
 from gradience.effects import Effects
 from gradience.errors import EXIT_GUARD_HALTED, ConfigError, SnapshotError
-from gradience.guardrails import ProbeHealth, detect_scaler, install_sigterm, unscale
+from gradience.guardrails import ProbeHealth, detect_scaler, install_sigterm, refuse_inside_join, unscale, watch_join
 from gradience.lr import LRScale, current_lr, unwrap_optimizer, unwrap_scheduler
 from gradience.probe import bad_tensors, fingerprint_tensor, parameters, probe_grads, probe_step
 from gradience.recovery import Recovery, Target, check_replicas
@@ -142,6 +142,7 @@ class GradienceController(Effects):
             self.lr = LRScale(optimizer)
             self.lr.set(self.state.lr_scale)  # a guard state loaded before initialize carries its scale
         install_sigterm(self)
+        watch_join()
         if not guard:
             return
         if self.config.fingerprint_interval:
@@ -178,6 +179,7 @@ class GradienceController(Effects):
         self._require_initialized()
         if self.halted:
             return False
+        refuse_inside_join()
         if not (self.config.guard_enabled and self.config.guard_check_grads) or self._health.off(Phase.GRADS):
             return True
         step = self._next_step() if step is None else step
@@ -222,6 +224,7 @@ class GradienceController(Effects):
         self._require_initialized()
         if self.halted:
             return False
+        refuse_inside_join()
         model = model or self.model
         tick = self._tick0 + self.steps_seen
         self.steps_seen += 1

@@ -1,6 +1,6 @@
 """Defences of the guard against its own failure modes and its surroundings: probes that raise, a GradScaler
-the loop did not pass, and a launcher's SIGTERM. Each keeps the guard from breaking a healthy run or from
-leaving no report behind.
+the loop did not pass, a launcher's SIGTERM, and DDP's ``join()``. Each keeps the guard from breaking a healthy
+run, from hanging, or from leaving no report behind.
 """
 
 from __future__ import annotations
@@ -124,3 +124,48 @@ def install_sigterm(controller: Any) -> None:
         _installed = True
     except (ValueError, OSError):  # not the main interpreter, or signals unavailable
         pass
+
+
+_join_depth = 0
+_join_watched = False
+
+
+def watch_join() -> None:
+    """Count the ``torch.distributed.algorithms.Join`` contexts this process is inside (patched once).
+
+    Under ``join()`` (uneven inputs) a rank that ran out of batches shadows DDP's collectives, not the
+    guard's: the guard's next all-reduce would wait for a peer that never comes. There is no public way to
+    ask whether a join context is active, so its ``__enter__``/``__exit__`` are wrapped to keep a count.
+    """
+    global _join_watched
+    if _join_watched:
+        return
+    try:
+        from torch.distributed.algorithms.join import Join
+    except ImportError:  # torch built without distributed
+        return
+    enter, exit_ = Join.__enter__, Join.__exit__
+
+    def __enter__(self: Any) -> Any:
+        global _join_depth
+        _join_depth += 1
+        return enter(self)
+
+    def __exit__(self: Any, *exc: Any) -> Any:
+        global _join_depth
+        _join_depth -= 1
+        return exit_(self, *exc)
+
+    Join.__enter__, Join.__exit__ = __enter__, __exit__
+    _join_watched = True
+
+
+def refuse_inside_join() -> None:
+    """Raise ConfigError (before any collective, so no rank waits) when called inside a ``Join`` context."""
+    if _join_depth > 0:
+        from gradience.errors import ConfigError
+
+        raise ConfigError("Gradience does not support DDP join() (uneven inputs): a rank that ran out of batches "
+                          "would leave the others waiting in the guard's all-reduce. Give every rank the same "
+                          "number of steps (e.g. DistributedSampler(drop_last=True)) and call the guard outside "
+                          "join()")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.algorithms.join  # noqa: F401 - the join scenario
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -61,6 +62,18 @@ def main() -> int:
                       weights=[p.detach().tolist() for p in model.parameters()])
     steps = int(os.environ.get("STEPS", "12"))
     first = ctl.resumed_step + 1 if ctl.resumed_step is not None else 0
+    if scenario == "join":
+        try:
+            with torch.distributed.algorithms.join.Join([ddp]):
+                for step in range(3 + rank):  # uneven inputs: rank 1 has one batch more
+                    opt.zero_grad()
+                    mlp_loss(ddp, step).backward()
+                    ctl.before_optimizer_step(model, opt)
+                    opt.step()
+        except ConfigError as e:
+            result["config_error"] = str(e)
+            return finish(2)
+        return finish(0)
     try:
         for step in range(first, steps):
             opt.zero_grad()

@@ -132,6 +132,15 @@ def test_a_rank_outside_its_process_group_gets_a_config_error(tmp_path):
 
 
 @pytest.mark.slow
+def test_ddp_join_is_refused_at_the_first_call_inside_it(tmp_path):
+    procs = launch("join", tmp_path)
+    codes = [wait(p, 60)[0] for p in procs]
+    assert codes == [2, 2]
+    for rank in (0, 1):
+        assert "does not support DDP join()" in result(tmp_path, rank)["config_error"]
+
+
+@pytest.mark.slow
 def test_data_parallel_groups_share_an_out_dir_without_collisions(tmp_path):
     procs = launch("subgroups", tmp_path, world=4, STEPS="10")
     outs = [wait(p, 120) for p in procs]
@@ -213,3 +222,52 @@ def test_a_rank_that_skips_the_gate_is_detected_on_every_rank(tmp_path):
     for error, reason in results:
         assert error is not None and "'check:grads' vs 'check:step'" in error and "step labels 2 vs 2" in error
         assert reason == "COLLECTIVE_MISMATCH"
+
+
+@pytest.mark.parametrize("kind", ["nan", "probe_error"])
+def test_blame_with_fingerprints_on_names_only_the_rank_at_fault(tmp_path, kind):
+    """A NaN (or a raising probe) on rank 1 changes rank 1's fingerprint too: it is still rank 1's fault, not a
+    divergence of every replica."""
+    groups = make_groups(2)
+    models = [make_mlp(0) for _ in groups]  # seeded here: torch's RNG is process-global
+
+    class Raising:
+        def detach(self):
+            raise RuntimeError("probe defect")
+
+    def rank_fn(rank, group):
+        model = models[rank]
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        ctl = GradienceController(out_dir=str(tmp_path), comm=TorchComm(group, timeout_s=10),
+                                  guard_snapshot_interval=5, fingerprint_interval=1)
+        ctl.initialize(model, optimizer=opt)
+        for step in range(8):
+            opt.zero_grad()
+            loss = mlp_loss(model, step)
+            loss.backward()
+            opt.step()
+            reported = loss
+            if rank == 1 and step == 6:
+                if kind == "nan":
+                    with torch.no_grad():
+                        model[0].weight.view(-1)[0] = float("nan")
+                else:
+                    reported = Raising()
+            ctl.step(step, reported, model)
+        return ctl.finalize()
+
+    try:
+        summaries = run_ranks(groups, rank_fn, timeout_s=60)
+    finally:
+        free_groups(groups)
+    for rank in (0, 1):
+        from tests.loops import events
+
+        if kind == "nan":
+            (rb,) = events(tmp_path, "rollback_success", rank=rank)
+            assert (rb["reason"], rb["faulty_ranks"], rb["faulty_global_ranks"]) == ("NONFINITE_WEIGHTS", [1], [1])
+        else:
+            assert events(tmp_path, "rollback_success", rank=rank) == []
+            (pe,) = events(tmp_path, "probe_error", rank=rank)
+            assert pe["faulty_ranks"] == [1]
+    assert all(s["guard"]["first_fault_ranks"] == ([1] if kind == "nan" else []) for s in summaries)

@@ -388,11 +388,12 @@ def test_a_second_live_run_in_the_same_out_dir_fails_and_deletes_nothing(tmp_pat
 def test_replica_divergence_repair_converges_to_bitwise_equal_replicas(tmp_path):
     """A divergence that starts between fingerprints and before a snapshot must not be committed into it."""
     groups = make_groups(2)
+    models = [make_mlp(0) for _ in groups]  # seeded here: torch's RNG is process-global
 
     def rank(r, group):
         from gradience.comm import TorchComm
 
-        model = make_mlp()
+        model = models[r]
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         ctl = GradienceController(out_dir=str(tmp_path), comm=TorchComm(group, timeout_s=30),
                                   guard_snapshot_interval=5, fingerprint_interval=7)
