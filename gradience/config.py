@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from typing import Any
 from gradience.errors import ConfigError
 
 SNAPSHOT_TIERS = ("disk", "memory")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,6 +84,10 @@ class GradienceConfig:
     log_all_ranks: bool = False
     """Log collective decisions (skips, rollbacks, halts) on every rank, not only on group rank 0."""
 
+    tensorboard: bool = False
+    """Also write the guard's metrics as TensorBoard scalars under out_dir/tensorboard (group rank 0; needs the
+    tensorboard package). For plain loops: the Trainer callback reports through the Trainer's integrations."""
+
     def __post_init__(self) -> None:
         if isinstance(self.out_dir, os.PathLike):
             object.__setattr__(self, "out_dir", os.fspath(self.out_dir))
@@ -109,38 +115,48 @@ class GradienceConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> GradienceConfig:
-        """Build from a mapping; an unknown key raises ConfigError naming it (and the closest valid name)."""
+        """Build from a mapping; unknown keys raise one ConfigError naming them all (each with the closest valid
+        name, when there is one)."""
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a mapping of field names to values, got {type(data).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in data:
-            if key not in names:
-                import difflib
-
-                close = difflib.get_close_matches(str(key), names, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ConfigError(f"{source}: unknown key {key!r}{hint}")
+        _reject_unknown(data, source)
         return cls(**data)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> GradienceConfig:
-        """Load a gradience YAML file (a flat mapping, optionally under a top-level ``gradience:`` key)."""
+        """Load a gradience YAML file, or a config shipped with the package by bare name (``"default"``,
+        ``"aggressive"``, ``"hf_example"``; see :func:`packaged_configs`).
+
+        A file with a top-level ``gradience:`` key is read from that section only (other sections, e.g. a
+        trainer's, are ignored); a file without one is a flat mapping of field names. An empty file or empty
+        section raises ConfigError: it more likely means a wrong file than "all defaults".
+        """
         import yaml
 
-        path = Path(path)
+        path = _resolve(path)
         try:
             data = yaml.safe_load(path.read_text())
         except FileNotFoundError:
-            raise ConfigError(f"gradience config not found: {path}") from None
+            known = ", ".join(packaged_configs())
+            raise ConfigError(f"gradience config not found: {path} (configs shipped with gradience, "
+                              f"loadable by bare name: {known})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if data is None:
-            data = {}
-        if isinstance(data, dict) and set(data) == {"gradience"}:
-            data = data["gradience"] or {}
+        except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, a binary file
+            raise ConfigError(f"{path}: cannot read the gradience config: {e}") from None
+        source, what = str(path), "the file"
+        if isinstance(data, dict) and SECTION in data:
+            _warn_stray_fields(data, source)
+            data, source, what = data[SECTION], f"{path} [{SECTION}]", f"the {SECTION}: section"
+            if data is not None and not isinstance(data, dict):
+                raise ConfigError(f"{source}: {what} must be a mapping of field names to values, "
+                                  f"got {type(data).__name__}")
+        if data is None or data == {}:
+            raise ConfigError(f"{source}: {what} is empty; set at least one field (the packaged config 'default' "
+                              f"lists them all) or load no file to get the defaults")
         if isinstance(data, dict):
             data = {k: _yaml_float(v) if _FIELD_TYPES.get(k) == "float" else v for k, v in data.items()}
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(data, source=source)
 
     def replace(self, **changes: Any) -> GradienceConfig:
         """A copy with ``changes`` applied and validated; unknown names raise ConfigError."""
@@ -152,6 +168,48 @@ class GradienceConfig:
 
 
 _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(GradienceConfig)}
+SECTION = "gradience"
+"""Top-level key of a YAML file that holds the gradience fields next to other tools' sections."""
+PACKAGED_DIR = Path(__file__).resolve().parent / "configs"
+"""Copies of the repository's ``configs/*.yaml``, installed with the package (package data)."""
+
+
+def packaged_configs() -> list[str]:
+    """Names of the configs shipped inside the package, loadable as ``GradienceConfig.from_yaml(name)``."""
+    return sorted(p.stem for p in PACKAGED_DIR.glob("*.yaml"))
+
+
+def _resolve(path: str | Path) -> Path:
+    # An existing file always wins; only a bare name with no directory and no suffix ("default") that is not
+    # a file here falls back to the packaged copy, so the shipped configs work from any working directory.
+    p = Path(path)
+    if p.exists() or p.suffix or len(p.parts) != 1:
+        return p
+    packaged = PACKAGED_DIR / f"{p.name}.yaml"
+    return packaged if packaged.is_file() else p
+
+
+def _reject_unknown(data: dict[Any, Any], source: str) -> None:
+    import difflib
+
+    unknown = []
+    for key in data:
+        if key not in _FIELD_TYPES:
+            close = difflib.get_close_matches(str(key), list(_FIELD_TYPES), n=1)
+            unknown.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    if unknown:
+        # All at once: a user fixing a hand-written file should not have to rerun once per typo.
+        raise ConfigError(f"{source}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}")
+
+
+def _warn_stray_fields(data: dict[Any, Any], source: str) -> None:
+    # Next to a gradience: section, a top-level field name is ignored like any other tool's key. It may well
+    # be another tool's (out_dir is common), so it is not an error; but it may also be a field indented one
+    # level too little, which would otherwise be dropped without a word.
+    stray = sorted(str(k) for k in data if k in _FIELD_TYPES)
+    if stray:
+        logger.warning("%s: top-level key(s) %s ignored: only the %s: section is read (indent them under it if "
+                       "they were meant for gradience)", source, ", ".join(stray), SECTION)
 
 
 def _yaml_float(value: Any) -> Any:

@@ -26,6 +26,7 @@ from gradience.lr import LRScale, current_lr, unwrap_optimizer, unwrap_scheduler
 from gradience.probe import bad_tensors, fingerprint_tensor, parameters, probe_grads, probe_step
 from gradience.recovery import Recovery, Target, check_replicas
 from gradience.rundir import RunLock, lock_everywhere, snapshot_root
+from gradience.sinks import make_sinks
 from gradience.snapshot import SnapshotStore
 from gradience.telemetry import Telemetry
 from gradience.types import Action, GuardState, Phase, ProbeReport, Reason, Verdict
@@ -134,7 +135,8 @@ class GradienceController(Effects):
         self._lock = lock_everywhere(out, comm, self.global_rank)
         self.telemetry = Telemetry(out, rank=self.global_rank, redact_max_chars=self.config.redact_max_chars,
                                    append=bool(resume), world_size=comm.world_size, group_rank=comm.rank,
-                                   log_all_ranks=self.config.log_all_ranks, summary_writer=comm.rank == 0)
+                                   log_all_ranks=self.config.log_all_ranks, summary_writer=comm.rank == 0,
+                                   sinks=make_sinks(self.config.tensorboard, out, leader=comm.rank == 0))
         self.telemetry.emit("start", world_size=comm.world_size, global_ranks=list(self.global_ranks),
                             config=self.config.to_dict())
         self._tick0 = start_step + 1

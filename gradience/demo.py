@@ -7,17 +7,23 @@ Usage::
 
     python -m gradience.demo --guard --inject-nan          # NaN in a weight at step 50 -> 1 rollback, healthy end
     python -m gradience.demo --inject-nan                  # same fault, no guard -> loss NaN, exit status 1
+    python -m gradience.demo --config aggressive --inject-nan   # the config's guard_enabled (true) decides
     python -m gradience.demo --guard --inject-grad-nan     # NaN gradient -> the update is skipped
     gradience demo --guard --inject-nan --steps 80 --inject-step 30 --out-dir /tmp/run
     torchrun --standalone --nproc_per_node 2 -m gradience.demo --guard --inject-nan --inject-rank 1
 
 The model is ``GPT2LMHeadModel`` built from a small ``GPT2Config`` (no download), trained on the bytes of a
 few Python standard-library source files (token id = byte value), with AdamW and a linear warmup/decay
-``LambdaLR``. Without ``--guard`` the controller still runs, in monitor mode (``guard_enabled=False``), so
-telemetry and ``summary.json`` are written either way and a corrupted run is reported as FAULTED.
+``LambdaLR``. Whether the guard acts: ``--guard`` turns it on, ``--no-guard`` off; with neither, the
+``--config`` file's ``guard_enabled`` stands, and without ``--config`` the demo runs in monitor mode. In
+monitor mode (``guard_enabled=False``) the controller still runs, so telemetry and ``summary.json`` are
+written either way and a corrupted run is reported as FAULTED.
 
 Exit status: 0 when the run ends healthy (a guarded run that recovered included), 1 when it ends with a
-non-finite loss, :data:`~gradience.errors.EXIT_GUARD_HALTED` (3) when the guard stopped training.
+non-finite loss, :data:`~gradience.errors.EXIT_GUARD_HALTED` (3) when the guard stopped training, 2 for a
+bad command line or config (checked before training, and under torchrun before any process group starts):
+an ``--inject-step`` outside ``[0, --steps)`` or an ``--inject-rank`` outside ``[0, WORLD_SIZE)`` when a
+fault is to be injected, for instance.
 Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank trains a DDP replica on its own sample of the text and
 rank 0 prints the report.
 """
@@ -58,14 +64,18 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         prog=prog or "python -m gradience.demo",
         description="Train a tiny GPT-2 on CPU or GPU, optionally inject a fault, and report what the guard did.",
     )
-    p.add_argument("--guard", action="store_true", help="let Gradience act (skip, snapshot, roll back, halt); "
-                   "without it the controller only monitors")
+    # None when neither flag is given: the config file's guard_enabled then stands (see _config).
+    p.add_argument("--guard", action=argparse.BooleanOptionalAction, default=None,
+                   help="--guard: let Gradience act (skip, snapshot, roll back, halt); --no-guard: only monitor "
+                        "and report. With neither: the --config file's guard_enabled, else monitor only")
     p.add_argument("--inject-nan", action="store_true",
                    help=f"set {INJECT_PARAM}[0] to NaN right after the optimizer update at --inject-step")
     p.add_argument("--inject-grad-nan", action="store_true",
                    help=f"set the gradient of {INJECT_PARAM}[0] to NaN before the update at --inject-step")
-    p.add_argument("--inject-step", type=int, default=50, help="step of the injected fault (default: 50)")
-    p.add_argument("--inject-rank", type=int, default=0, help="rank that injects, under torchrun (default: 0)")
+    p.add_argument("--inject-step", type=int, default=50,
+                   help="step of the injected fault, 0 <= N < --steps (default: 50)")
+    p.add_argument("--inject-rank", type=int, default=0,
+                   help="rank that injects, 0 <= R < WORLD_SIZE (under torchrun; default: 0)")
     p.add_argument("--steps", type=int, default=150, help="optimizer steps (default: 150)")
     p.add_argument("--batch-size", type=int, default=8,
                    help=f"sequences of {SEQ_LEN} bytes per step and rank (default: 8)")
@@ -77,15 +87,19 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--snapshot-interval", type=int, default=None,
                    help="guard_snapshot_interval (default: 20, or the config's value with --config)")
     p.add_argument("--config", default=None,
-                   help="gradience YAML config; the flags above override it (--guard always decides guard_enabled)")
+                   help="gradience YAML config: a path, or the name of a config shipped with gradience "
+                        "(default, aggressive, hf_example); --guard/--no-guard, --out-dir and --snapshot-interval "
+                        "override it when given")
     return p
 
 
 def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     """Run the demo; returns the process exit status."""
     args = build_parser(prog).parse_args(argv)
-    if args.steps < 1:
-        print("error: --steps must be >= 1", file=sys.stderr)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    problem = _check_args(args, world_size)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
         config = _config(args)
@@ -96,7 +110,6 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
         print("error: the demo needs transformers: pip install 'gradience[hf]'", file=sys.stderr)
         return 2
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _device(args.device, local_rank if world_size > 1 else None)
@@ -241,9 +254,31 @@ def _run(args: argparse.Namespace, config: GradienceConfig, rank: int, world_siz
     return code
 
 
+def _check_args(args: argparse.Namespace, world_size: int) -> str | None:
+    # Checked before training and before init_process_group: a fault that never fires would make the demo
+    # report a healthy run that proves nothing, and under torchrun a bad rank would otherwise surface only
+    # after every rank has joined the group.
+    if args.steps < 1:
+        return f"--steps must be >= 1, got {args.steps}"
+    if not (args.inject_nan or args.inject_grad_nan):
+        return None  # --inject-step/--inject-rank are unused without an injection
+    if not 0 <= args.inject_step < args.steps:
+        return (f"--inject-step must be in [0, --steps) = [0, {args.steps}), got {args.inject_step}: "
+                f"the fault would never be injected")
+    if not 0 <= args.inject_rank < world_size:
+        return (f"--inject-rank must be in [0, WORLD_SIZE) = [0, {world_size}), got {args.inject_rank}: "
+                f"no rank would inject the fault")
+    return None
+
+
 def _config(args: argparse.Namespace) -> GradienceConfig:
     base = GradienceConfig.from_yaml(args.config) if args.config else GradienceConfig()
-    changes: dict[str, Any] = {"guard_enabled": bool(args.guard)}
+    changes: dict[str, Any] = {}
+    if args.guard is not None:
+        changes["guard_enabled"] = args.guard
+    elif not args.config:
+        # The demo's own default: monitor mode, so `--inject-nan` alone shows what an unguarded run does.
+        changes["guard_enabled"] = False
     if args.out_dir is not None:
         changes["out_dir"] = args.out_dir
     elif not args.config:

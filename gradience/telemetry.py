@@ -106,8 +106,10 @@ class Telemetry:
     def __init__(self, out_dir: str | Path, *, rank: int = 0, redact_max_chars: int = 256, append: bool = False,
                  world_size: int = 1, group_rank: int | None = None, leader: bool | None = None,
                  log_all_ranks: bool = False, summary_name: str = "summary.json",
-                 summary_writer: bool | None = None) -> None:
+                 summary_writer: bool | None = None, sinks: list[Any] | None = None) -> None:
         self.out_dir = Path(out_dir)
+        #: Extra destinations of every record (:mod:`gradience.sinks`); a failing sink is dropped and logged.
+        self.sinks = list(sinks or [])
         self.rank = rank
         self.redact_max_chars = redact_max_chars
         self.path = self.out_dir / telemetry_filename(rank)
@@ -125,7 +127,8 @@ class Telemetry:
         self.failed_summaries = 0
         self._events_io = _IOHealth("telemetry", "events", self.event_logger)
         self._summary_io = _IOHealth("the summary file", "writes", self.event_logger)
-        self._lock = threading.Lock()  # one line at a time, should events come from a background thread
+        # Re-entrant: a SIGTERM handler (gradience.guardrails) may emit while this thread is inside emit().
+        self._lock = threading.RLock()
         self._fd: int | None = None
         self._closed = False
         self._truncate = not append  # until the file is first opened
@@ -150,6 +153,13 @@ class Telemetry:
             if not self._closed:
                 self._write(data)
             self.event_logger.handle(record)
+            for sink in list(self.sinks):
+                try:
+                    sink.handle(record)
+                except Exception as e:  # an optional sink must never stop training
+                    self.sinks.remove(sink)
+                    self.event_logger.local(logging.ERROR, f"telemetry sink {type(sink).__name__} failed and is "
+                                            f"switched off: {type(e).__name__}: {e}", io_logger)
         return record
 
     def write_summary(self, summary: dict[str, Any], *, name: str | None = None,
@@ -190,6 +200,13 @@ class Telemetry:
         """Log what is still pending and close the event file (later events are logged, not written)."""
         with self._lock:
             self.event_logger.flush()
+            for sink in self.sinks:
+                try:
+                    sink.close()
+                except Exception as e:  # closing is best effort, like the writes
+                    self.event_logger.local(logging.ERROR, f"closing telemetry sink {type(sink).__name__} "
+                                            f"failed: {e}", io_logger)
+            self.sinks = []
             self._closed = True
             fd, self._fd = self._fd, None
             if fd is not None:

@@ -1,4 +1,5 @@
-"""GradienceConfig: defaults, validation naming the field, unknown keys, YAML files under configs/."""
+"""GradienceConfig: defaults, validation naming the field, unknown keys, YAML files under configs/ and their
+packaged copies."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+import gradience.config
 from gradience import ConfigError, GradienceConfig, GradienceController
+from gradience.config import packaged_configs
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 FIELDS = [f.name for f in dataclasses.fields(GradienceConfig)]
@@ -167,6 +170,15 @@ def test_unknown_key_from_dict_names_the_key():
     assert "guard_max_rollbacks" in str(info.value)  # the hint names the closest valid field
 
 
+def test_unknown_keys_from_dict_all_in_one_error():
+    with pytest.raises(ConfigError, match="unknown keys") as info:
+        GradienceConfig.from_dict({"guard_max_rollback": 2, "telemetry_intervl": 5, "out_dir": "x", "bogus": 1})
+    msg = str(info.value)
+    assert "'guard_max_rollback' (did you mean 'guard_max_rollbacks'?)" in msg
+    assert "'telemetry_intervl' (did you mean 'telemetry_interval'?)" in msg
+    assert "'bogus'" in msg and "out_dir" not in msg
+
+
 def test_unknown_key_replace_names_the_key():
     with pytest.raises(ConfigError, match="bogus"):
         GradienceConfig().replace(bogus=1)
@@ -239,13 +251,63 @@ def test_from_yaml_flat_and_nested(tmp_path):
     assert a == b == GradienceConfig(guard_max_rollbacks=5, guard_lr_backoff=0.25)
 
 
-def test_from_yaml_empty_file_and_empty_section(tmp_path):
-    empty = tmp_path / "empty.yaml"
-    empty.write_text("")
-    section = tmp_path / "section.yaml"
-    section.write_text("gradience:\n")
-    assert GradienceConfig.from_yaml(empty) == GradienceConfig()
-    assert GradienceConfig.from_yaml(section) == GradienceConfig()
+@pytest.mark.parametrize(
+    ("text", "what"),
+    [
+        ("", "the file is empty"),
+        ("# only a comment\n", "the file is empty"),
+        ("{}\n", "the file is empty"),
+        ("gradience:\n", "gradience: section is empty"),
+        ("gradience: {}\n", "gradience: section is empty"),
+        ("gradience:\ntrainer:\n  lr: 0.1\n", "gradience: section is empty"),
+    ],
+    ids=["empty", "comment-only", "empty-mapping", "null-section", "empty-section", "null-section-with-others"],
+)
+def test_from_yaml_empty_is_an_error(tmp_path, text, what):
+    # An empty file or section is more likely a wrong file than a wish for all defaults: say so.
+    p = tmp_path / "empty.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=what) as info:
+        GradienceConfig.from_yaml(p)
+    assert str(p) in str(info.value)
+
+
+@pytest.mark.parametrize("section", ["[1, 2]", "5", "just a string", "true"])
+def test_from_yaml_section_not_a_mapping(tmp_path, section):
+    p = tmp_path / "bad.yaml"
+    p.write_text(f"gradience: {section}\nother: 1\n")
+    with pytest.raises(ConfigError, match="gradience: section must be a mapping") as info:
+        GradienceConfig.from_yaml(p)
+    assert str(p) in str(info.value)
+
+
+def test_from_yaml_reads_only_the_gradience_section(tmp_path):
+    # One file shared with other tools: their sections are ignored, gradience's is validated.
+    p = tmp_path / "train.yaml"
+    p.write_text("model:\n  name: gpt2\n  layers: 12\n"
+                 "gradience:\n  guard_max_rollbacks: 5\n  guard_violation_threshold: 1e6\n"
+                 "trainer:\n  lr: 3.0e-4\n  unknown_to_us: true\n")
+    cfg = GradienceConfig.from_yaml(p)
+    assert cfg == GradienceConfig(guard_max_rollbacks=5, guard_violation_threshold=1e6)
+    assert isinstance(cfg.guard_violation_threshold, float)
+
+
+def test_from_yaml_warns_about_field_names_outside_the_section(tmp_path, caplog):
+    # A field indented one level too little is ignored like another tool's key, but not silently.
+    p = tmp_path / "train.yaml"
+    p.write_text("gradience:\n  guard_max_rollbacks: 5\nguard_snapshot_interval: 7\nmodel: gpt2\n")
+    with caplog.at_level("WARNING", logger="gradience"):
+        cfg = GradienceConfig.from_yaml(p)
+    assert cfg.guard_snapshot_interval == GradienceConfig().guard_snapshot_interval
+    assert "guard_snapshot_interval" in caplog.text and "model" not in caplog.text
+
+
+def test_from_yaml_flat_1e6_float(tmp_path):
+    # YAML 1.1 reads 1e6 as a string; float fields accept it as the number meant, flat or nested.
+    p = tmp_path / "flat.yaml"
+    p.write_text("guard_violation_threshold: 1e6\ncollective_timeout_s: 6e1\n")
+    cfg = GradienceConfig.from_yaml(p)
+    assert cfg.guard_violation_threshold == 1e6 and cfg.collective_timeout_s == 60.0
 
 
 def test_from_yaml_unknown_key(tmp_path):
@@ -256,11 +318,31 @@ def test_from_yaml_unknown_key(tmp_path):
     assert str(p) in str(info.value)
 
 
-def test_from_yaml_unknown_top_level_next_to_gradience(tmp_path):
-    p = tmp_path / "bad.yaml"
+def test_from_yaml_unknown_top_level_next_to_gradience_is_accepted(tmp_path):
+    p = tmp_path / "mixed.yaml"
     p.write_text("gradience:\n  guard_max_rollbacks: 2\nextra: 1\n")
-    with pytest.raises(ConfigError, match="gradience|extra"):
+    assert GradienceConfig.from_yaml(p) == GradienceConfig(guard_max_rollbacks=2)
+
+
+def test_from_yaml_flat_unknown_top_level_is_still_an_error(tmp_path):
+    p = tmp_path / "flat.yaml"
+    p.write_text("guard_max_rollbacks: 2\nextra: 1\n")
+    with pytest.raises(ConfigError, match="extra"):
         GradienceConfig.from_yaml(p)
+
+
+def test_from_yaml_reports_every_unknown_key_at_once(tmp_path):
+    p = tmp_path / "typos.yaml"
+    p.write_text("gradience:\n  guard_snapshot_intervl: 10\n  guard_max_rollback: 2\n  zzz_nothing_like_it: 1\n"
+                 "  guard_lr_backoff: 0.25\n")
+    with pytest.raises(ConfigError) as info:
+        GradienceConfig.from_yaml(p)
+    msg = str(info.value)
+    assert "'guard_snapshot_intervl' (did you mean 'guard_snapshot_interval'?)" in msg
+    assert "'guard_max_rollback' (did you mean 'guard_max_rollbacks'?)" in msg
+    assert "'zzz_nothing_like_it'" in msg and "zzz_nothing_like_it' (did" not in msg
+    assert "guard_lr_backoff" not in msg  # a valid key is not reported
+    assert str(p) in msg
 
 
 def test_from_yaml_bad_value_names_field(tmp_path):
@@ -290,3 +372,49 @@ def test_from_yaml_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not found") as info:
         GradienceConfig.from_yaml(p)
     assert "nope.yaml" in str(info.value)
+    assert "default" in str(info.value)  # names the packaged configs loadable by bare name
+
+
+def test_from_yaml_directory_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        GradienceConfig.from_yaml(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ packaged configs
+
+PACKAGED = Path(gradience.config.__file__).resolve().parent / "configs"
+
+
+def test_packaged_configs_are_copies_of_configs_dir():
+    # configs/ is the source of truth; gradience/configs/ ships it as package data. After editing a file in
+    # configs/, run: cp configs/*.yaml gradience/configs/
+    top = {p.name: p.read_bytes() for p in _yaml_files()}
+    packaged = {p.name: p.read_bytes() for p in sorted(PACKAGED.glob("*.y*ml"))}
+    assert packaged == top, "gradience/configs/ differs from configs/: cp configs/*.yaml gradience/configs/"
+    assert packaged_configs() == sorted(Path(name).stem for name in top)
+
+
+def test_pyproject_ships_packaged_configs_as_package_data():
+    tomllib = pytest.importorskip("tomllib")
+    data = tomllib.loads((CONFIGS.parent / "pyproject.toml").read_text())
+    assert "configs/*.yaml" in data["tool"]["setuptools"]["package-data"]["gradience"]
+
+
+@pytest.mark.parametrize("name", ["default", "aggressive", "hf_example"])
+def test_bare_name_loads_packaged_config_from_any_directory(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    assert GradienceConfig.from_yaml(name) == GradienceConfig.from_yaml(CONFIGS / f"{name}.yaml")
+    assert GradienceConfig.from_yaml(Path(name)) == GradienceConfig.from_yaml(CONFIGS / f"{name}.yaml")
+
+
+def test_bare_name_prefers_an_existing_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("default").write_text("guard_max_rollbacks: 7\n")
+    assert GradienceConfig.from_yaml("default").guard_max_rollbacks == 7
+
+
+def test_bare_name_unknown_or_with_suffix_is_not_found(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("no_such_config", "default.yaml", "configs/default.yaml"):
+        with pytest.raises(ConfigError, match="not found"):
+            GradienceConfig.from_yaml(name)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from gradience import demo
 from gradience.errors import EXIT_GUARD_HALTED
 
 pytestmark = pytest.mark.slow
@@ -85,12 +86,83 @@ def test_guard_halts_with_distinct_exit_status(tmp_path: Path) -> None:
     assert "ROLLBACK_BUDGET_EXHAUSTED" in r.stdout
 
 
+def test_config_guard_enabled_stands_without_guard_flag(tmp_path: Path) -> None:
+    # A config that enables the guard is not overridden by a missing --guard.
+    cfg = tmp_path / "gradience.yaml"
+    cfg.write_text("gradience:\n  guard_enabled: true\n  guard_snapshot_interval: 20\n")
+    r = run_demo(tmp_path / "out", "--inject-nan", *INJECT, "--config", str(cfg))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Guard:       ON" in r.stdout and "Integrity: RECOVERED" in r.stdout
+
+
+GUARD_CASES = [
+    # (config text or None, flags, expected guard_enabled)
+    (None, [], False),  # the demo's own default: monitor mode
+    (None, ["--guard"], True),
+    (None, ["--no-guard"], False),
+    ("guard_enabled: true\n", [], True),
+    ("guard_enabled: false\n", [], False),
+    ("guard_enabled: true\n", ["--no-guard"], False),
+    ("guard_enabled: false\n", ["--guard"], True),
+    ("guard_max_rollbacks: 2\n", [], True),  # a config without the field: the library default
+]
+
+
+@pytest.mark.parametrize(("config", "flags", "expected"), GUARD_CASES)
+def test_guard_flags_and_config(tmp_path: Path, config: str | None, flags: list[str], expected: bool) -> None:
+    argv = [*flags]
+    if config is not None:
+        (tmp_path / "g.yaml").write_text(config)
+        argv += ["--config", str(tmp_path / "g.yaml")]
+    assert demo._config(demo.build_parser().parse_args(argv)).guard_enabled is expected
+
+
+BAD_INJECTIONS = [
+    (["--inject-nan", "--steps", "80", "--inject-step", "80"], "1", "--inject-step"),
+    (["--inject-nan", "--steps", "80", "--inject-step", "200"], "1", "--inject-step"),
+    (["--inject-grad-nan", "--inject-step", "-1"], "1", "--inject-step"),
+    (["--inject-nan", "--steps", "40"], "1", "--inject-step"),  # the default step 50 is past the end
+    (["--inject-nan", "--inject-rank", "1"], "1", "--inject-rank"),
+    (["--inject-nan", "--inject-rank", "-1"], "1", "--inject-rank"),
+    (["--inject-grad-nan", "--inject-rank", "2"], "2", "--inject-rank"),
+]
+
+
+@pytest.mark.parametrize(("argv", "world_size", "flag"), BAD_INJECTIONS)
+def test_bad_injection_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+                                  argv: list[str], world_size: str, flag: str) -> None:
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    monkeypatch.setenv("RANK", "0")
+    out = tmp_path / "out"
+    assert demo.main([*argv, "--device", "cpu", "--out-dir", str(out)]) == 2
+    assert f"error: {flag} must be in" in capsys.readouterr().err
+    assert not out.exists()  # refused before any training or telemetry
+
+
+def test_injection_checks_only_apply_when_injecting() -> None:
+    args = demo.build_parser().parse_args(["--steps", "10", "--inject-rank", "5"])
+    assert demo._check_args(args, world_size=1) is None
+
+
+def test_bad_inject_rank_exits_2_before_process_group(tmp_path: Path) -> None:
+    # WORLD_SIZE=2 with no MASTER_PORT and no peer: reaching init_process_group would fail otherwise or hang.
+    env = {**_env(), "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
+    env.pop("MASTER_PORT", None)
+    cmd = [sys.executable, "-m", "gradience.demo", "--device", "cpu", "--out-dir", str(tmp_path / "out"),
+           "--inject-nan", "--inject-rank", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "--inject-rank must be in [0, WORLD_SIZE) = [0, 2), got 2" in r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+
+
 def test_console_entry_forwards_demo_help() -> None:
     r = subprocess.run([sys.executable, "-m", "gradience.cli", "demo", "--help"], capture_output=True, text=True,
                        env=_env(), timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("usage: gradience demo")
     assert "--inject-nan" in r.stdout and "--snapshot-interval" in r.stdout
+    assert "--guard, --no-guard" in r.stdout
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),

@@ -419,3 +419,29 @@ def test_enable_is_idempotent_and_shows_info(tmp_path):
             if h not in before[0]:
                 gl.removeHandler(h)
         gl.setLevel(before[1])
+
+
+def test_a_guarded_loop_says_every_action_in_the_log(tmp_path, caplog):
+    """End to end through the controller: a skip, a rollback, a halt and the final line, as a user sees them."""
+    from tests.loops import make_mlp, mlp_loss, poison, run_loop
+
+    def grads(step, model):
+        if step == 3:
+            model[0].weight.grad[0, 0] = float("nan")
+
+    def weights(step, model):
+        if step == 6 or step >= 12:
+            poison("0.weight")(model)
+
+    from gradience import GradienceController
+
+    ctl = GradienceController(out_dir=str(tmp_path), guard_snapshot_interval=5, guard_max_rollbacks=1)
+    with caplog.at_level(logging.INFO, logger="gradience"):
+        out = run_loop(make_mlp(), mlp_loss, ctl, steps=20, on_grads=grads, on_update=weights)
+    assert out["stopped_at"] == 13
+    msgs = [(r.levelname, r.getMessage()) for r in caplog.records if r.name.startswith("gradience")]
+    assert any(lv == "WARNING" and "skipped the update of step 3: NONFINITE_GRADS" in m for lv, m in msgs)
+    assert any(lv == "WARNING" and "rolled back at step 6 to the snapshot of step 5" in m for lv, m in msgs)
+    assert sum(lv == "ERROR" and "halted training at step 13" in m for lv, m in msgs) == 1
+    final = [m for lv, m in msgs if "ABORTED" in m and "summary.json" in m]
+    assert len(final) == 1 and final[0].startswith("Gradience: ABORTED")
