@@ -68,34 +68,7 @@ class LocalComm:
         return values.detach().to("cpu", torch.float64)
 
     def broadcast_(self, tensors: list[torch.Tensor], src: int = 0) -> None:
-        """Overwrite dense ``tensors`` on every rank with ``src``'s, bitwise (in place; one framed size check,
-        then one byte broadcast; same deadline and refusal rules)."""
-        import torch.distributed as dist
-
-        raws = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
-        total = sum(r.numel() for r in raws)
-        sizes = self.all_reduce_max(torch.tensor([total, -total], dtype=torch.float64), kind="broadcast")
-        if sizes[0] != -sizes[1]:
-            self._break("broadcast: ranks hold states of different sizes")
-            raise CollectiveMismatch(f"broadcast from rank {src}: ranks hold {-sizes[1]:g} to {sizes[0]:g} bytes of "
-                                     "state; they are not replicas of one model")
-        flat = torch.cat(raws).to(self.device) if raws else torch.zeros(0, dtype=torch.uint8, device=self.device)
-        opts = dist.BroadcastOptions()
-        opts.rootRank = src
-        try:
-            self._wait(self.group.broadcast([flat], opts))
-        except ConsensusTimeout as e:
-            self._break(f"broadcast: {e}")
-            raise
-        except RuntimeError as e:
-            self._break(f"broadcast: {e}")
-            raise ConsensusTimeout(f"broadcast on rank {self.rank}/{self.world_size} failed: {e}") from e
-        offset = 0
-        for t, r in zip(tensors, raws, strict=True):
-            n = r.numel()
-            piece = flat[offset:offset + n].to(t.device, copy=True)  # a fresh, aligned buffer for view(dtype)
-            offset += n
-            t.detach().copy_(piece.view(t.dtype).view(t.shape))
+        """Nothing to do with one rank."""
 
     def close(self) -> None:
         """Nothing to release."""
@@ -182,27 +155,35 @@ class TorchComm:
         return self._reduce(values.clone(), kind).to("cpu")
 
     def broadcast_(self, tensors: list[torch.Tensor], src: int = 0) -> None:
-        """Overwrite ``tensors`` on every rank with ``src``'s (in place, same deadline and refusal rules)."""
-        self._refuse_if_broken()
+        """Overwrite dense ``tensors`` on every rank with ``src``'s, bitwise (in place; one framed size check,
+        then one byte broadcast; same deadline and refusal rules)."""
         import torch.distributed as dist
 
-        for t in tensors:
-            buf = t.detach() if t.device == self.device else t.detach().to(self.device)
-            flat = buf.contiguous()
-            if flat.dtype == torch.bool:
-                flat = flat.view(torch.uint8)
-            opts = dist.BroadcastOptions()
-            opts.rootRank = src
-            try:
-                self._wait(self.group.broadcast([flat], opts))
-            except ConsensusTimeout as e:
-                self._break(f"broadcast: {e}")
-                raise
-            except RuntimeError as e:
-                self._break(f"broadcast: {e}")
-                raise ConsensusTimeout(f"broadcast on rank {self.rank}/{self.world_size} failed: {e}") from e
-            if flat.data_ptr() != t.data_ptr():
-                t.detach().copy_(flat.view(t.dtype) if t.dtype == torch.bool else flat)
+        self._refuse_if_broken()
+        raws = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+        total = sum(r.numel() for r in raws)
+        sizes = self.all_reduce_max(torch.tensor([total, -total], dtype=torch.float64), kind="broadcast")
+        if sizes[0] != -sizes[1]:
+            self._break("broadcast: ranks hold states of different sizes")
+            raise CollectiveMismatch(f"broadcast from rank {src}: ranks hold {-sizes[1]:g} to {sizes[0]:g} bytes of "
+                                     "state; they are not replicas of one model")
+        flat = torch.cat(raws).to(self.device) if raws else torch.zeros(0, dtype=torch.uint8, device=self.device)
+        opts = dist.BroadcastOptions()
+        opts.rootRank = src
+        try:
+            self._wait(self.group.broadcast([flat], opts))
+        except ConsensusTimeout as e:
+            self._break(f"broadcast: {e}")
+            raise
+        except RuntimeError as e:
+            self._break(f"broadcast: {e}")
+            raise ConsensusTimeout(f"broadcast on rank {self.rank}/{self.world_size} failed: {e}") from e
+        offset = 0
+        for t, r in zip(tensors, raws, strict=True):
+            n = r.numel()
+            piece = flat[offset:offset + n].to(t.device, copy=True)  # a fresh, aligned buffer for view(dtype)
+            offset += n
+            t.detach().copy_(piece.view(t.dtype).view(t.shape))
 
     def close(self) -> None:
         """Destroy the guard's own group, unless a collective failed (a destroy could then wait for a peer)."""

@@ -271,3 +271,32 @@ def test_blame_with_fingerprints_on_names_only_the_rank_at_fault(tmp_path, kind)
             (pe,) = events(tmp_path, "probe_error", rank=rank)
             assert pe["faulty_ranks"] == [1]
     assert all(s["guard"]["first_fault_ranks"] == ([1] if kind == "nan" else []) for s in summaries)
+
+
+def test_broadcast_repair_copies_every_dtype_bitwise_and_refuses_non_replicas():
+    groups = make_groups(2)
+
+    def state(rank):
+        g = torch.Generator().manual_seed(rank)
+        return [torch.randn(3, 4, generator=g).t(),  # non-contiguous
+                torch.randn(5, generator=g).to(torch.bfloat16), torch.tensor(float(rank)),  # 0-d
+                torch.randint(-9, 9, (7,), generator=g, dtype=torch.int8), torch.rand(6, generator=g) > 0.5,
+                torch.randn(2, dtype=torch.complex64, generator=g)]
+
+    def rank_fn(rank, group):
+        comm = TorchComm(group, timeout_s=10)
+        mine = state(rank)
+        comm.broadcast_(mine, src=0)
+        odd = [torch.zeros(3 + rank)]
+        with pytest.raises(CollectiveMismatch, match="not replicas"):
+            comm.broadcast_(odd, src=0)
+        return mine
+
+    try:
+        results = run_ranks(groups, rank_fn, timeout_s=60)
+    finally:
+        free_groups(groups)
+    expected = state(0)
+    for got in results:
+        for a, b in zip(got, expected, strict=True):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
