@@ -3,9 +3,7 @@
 Probe every rank every step, agree on one verdict, act (skip, snapshot, roll back, halt), report.
 """
 
-from gradience.comm import exit_process
 from gradience.config import GradienceConfig
-from gradience.controller import GradienceController
 from gradience.errors import (
     EXIT_GUARD_HALTED,
     CollectiveError,
@@ -16,7 +14,6 @@ from gradience.errors import (
     GuardHalted,
     SnapshotError,
 )
-from gradience.resume import load_snapshot
 from gradience.types import Action, Decision, GuardState, Reason, RiskLevel, Verdict
 
 __version__ = "0.1.0"
@@ -45,10 +42,21 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    # The Trainer callback imports transformers; load it only when asked for.
-    if name == "GradienceCallback":
-        from gradience.integrations.hf import GradienceCallback
+# Loaded when first asked for: they import torch (and the callback transformers), which tools that only read a
+# run's files (``gradience report``) must not pay for.
+_LAZY = {
+    "GradienceController": "gradience.controller",
+    "GradienceCallback": "gradience.integrations.hf",
+    "exit_process": "gradience.comm",
+    "load_snapshot": "gradience.resume",
+}
 
-        return GradienceCallback
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'gradience' has no attribute {name!r}")

@@ -236,6 +236,7 @@ class GradienceController(Effects):
         fingerprint = bool(fp_every) and (tick % fp_every == 0 or policy.snapshot_due(tick, self.config))
         skipped, self._skipped_this_step = self._skipped_this_step, False
         if self._health.off(Phase.STEP):
+            fingerprint = False  # nothing compared this step: a snapshot of it is not verified
             report = ProbeReport(phase=Phase.STEP, step=step, update_skipped=skipped)
         else:
             report = self._probe(Phase.STEP, step, lambda: probe_step(

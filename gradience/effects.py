@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gradience import policy
-from gradience.errors import CollectiveError, SnapshotError
+from gradience.errors import CollectiveError, CollectiveMismatch, SnapshotError
 from gradience.recovery import check_backoff_target
 from gradience.resume import resume_latest
 from gradience.snapshot import agree_all
@@ -127,7 +127,7 @@ class Effects:
         try:
             return fn(*args)
         except CollectiveError as e:
-            self._aborted = "COLLECTIVE_MISMATCH" if "mismatch" in type(e).__name__.lower() else "CONSENSUS_TIMEOUT"
+            self._aborted = "COLLECTIVE_MISMATCH" if isinstance(e, CollectiveMismatch) else "CONSENSUS_TIMEOUT"
             self._emit_fatal(step, self._aborted, str(e))
             raise
 

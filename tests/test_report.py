@@ -259,3 +259,12 @@ def test_chromium_renders_the_page_without_errors(nan_run, tmp_path: Path) -> No
     assert not errors, errors
     assert shot.exists() and shot.stat().st_size > 10_000, r.stderr[-2000:]
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
+def test_reading_a_run_does_not_import_torch():
+    """The report only reads files: it must start fast and work where torch is not installed."""
+    import subprocess
+    import sys
+
+    code = "import sys, gradience.report, gradience.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
