@@ -26,6 +26,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -170,14 +171,7 @@ class TorchComm:
         flat = torch.cat(raws).to(self.device) if raws else torch.zeros(0, dtype=torch.uint8, device=self.device)
         opts = dist.BroadcastOptions()
         opts.rootRank = src
-        try:
-            self._wait(self.group.broadcast([flat], opts))
-        except ConsensusTimeout as e:
-            self._break(f"broadcast: {e}")
-            raise
-        except RuntimeError as e:
-            self._break(f"broadcast: {e}")
-            raise ConsensusTimeout(f"broadcast on rank {self.rank}/{self.world_size} failed: {e}") from e
+        self._run("broadcast", lambda: self.group.broadcast([flat], opts))
         offset = 0
         for t, r in zip(tensors, raws, strict=True):
             n = r.numel()
@@ -211,18 +205,22 @@ class TorchComm:
 
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.MAX
+        self._run(kind, lambda: self.group.allreduce([buf], opts))
+        return buf
+
+    def _run(self, kind: str, start: Callable[[], object]) -> None:
+        """Start a collective and wait for it within the deadline; any failure breaks the comm for good."""
         try:
-            self._wait(self.group.allreduce([buf], opts))
+            self._wait(start())
         except ConsensusTimeout as e:
             self._break(f"{kind}: {e}")
             raise
         except RuntimeError as e:
             self._break(f"{kind}: {e}")
             raise ConsensusTimeout(
-                f"all_reduce ({kind}) on rank {self.rank}/{self.world_size} failed or timed out after "
-                f"{self.timeout_s:g}s (a peer died, stalled or left the loop): {e}"
+                f"{kind} on rank {self.rank}/{self.world_size} failed or timed out after {self.timeout_s:g}s "
+                f"(a peer died, stalled or left the loop): {e}"
             ) from e
-        return buf
 
     def _mismatch(self, kind: str, step: int | None, head: list[float]) -> None:
         def name(code: float) -> str:
