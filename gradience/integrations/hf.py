@@ -275,7 +275,8 @@ class _Metrics(TrainerCallback):
             for handler in gc.get_referrers(holder):
                 if isinstance(handler, CallbackHandler) and handler.callbacks is holder:
                     # A new list: the handler is iterating the old one right now (this runs inside an event).
-                    handler.callbacks = [self, *holder]
+                    # An earlier callback's helper (the Trainer rebuilt the callback from a checkpoint) goes.
+                    handler.callbacks = [self, *(c for c in holder if not isinstance(c, _Metrics))]
                     self.installed = True
                     return
 
