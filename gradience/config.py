@@ -11,8 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from gradience.errors import ConfigError
+from gradience.risk import RiskBands, SpikeRule
 
 SNAPSHOT_TIERS = ("disk", "memory")
+SPECTRAL_DEFINITIONS = ("auto", "attention", "hidden_sigma")
+SPIKE_ACTIONS = ("off", "log", "skip", "rollback")
 logger = logging.getLogger(__name__)
 
 
@@ -63,10 +66,49 @@ class GradienceConfig:
     """Every this many steps compare a checksum of the parameters across ranks (0 = off)."""
 
     spectral_enabled: bool = True
-    """Compute the spectral probe κ̃ every ``spectral_interval`` steps (reported as null until available)."""
+    """Compute the spectral probe κ̃ every ``spectral_interval`` steps and the risk level from its trend."""
 
     spectral_interval: int = 50
     """Steps between spectral probes."""
+
+    spectral_definition: str = "auto"
+    """κ̃: 'attention' (max over layers and heads of σ_max(W_Q,h W_K,hᵀ)/√d_h), 'hidden_sigma' (largest σ_max of
+    the hidden weight matrices), or 'auto' (attention when Q/K projections are found, else hidden_sigma)."""
+
+    spectral_iters: int = 2
+    """Warm-started power iterations per matrix and probe (the first probe runs 8)."""
+
+    risk_window: int = 8
+    """Spectral probes in the least-squares fit of the slope (and the volatility) of log κ̃ per step."""
+
+    risk_burn_in_steps: int = 500
+    """Steps during which no risk level above LEARNING is reported (spectral quantities rise fast at init)."""
+
+    risk_learning_slope: float = 0.0005
+    """Slope of log κ̃ per step from which the level is LEARNING (below: STABLE)."""
+
+    risk_warning_slope: float = 0.002
+    """Slope of log κ̃ per step from which the level is WARNING."""
+
+    risk_danger_slope: float = 0.004
+    """Slope of log κ̃ per step from which the level is DANGER (0.004 doubles κ̃ in about 170 steps)."""
+
+    risk_instability_volatility: float = 0.003
+    """Volatility (std of Δlog κ̃ per step) above which the level is INSTABILITY."""
+
+    spike_action: str = "log"
+    """What a finite loss / grad-norm spike at the gradient gate does: 'off', 'log' (report only), 'skip' (drop
+    the update; repeated skips roll back) or 'rollback'. Pass the loss to before_optimizer_step to test it."""
+
+    spike_sigmas: float = 6.0
+    """A spike is a value more than this many standard deviations above the mean of the last spike_window steps
+    (OLMo-core's rule), after a warm-up of spike_window / 2 accepted steps."""
+
+    spike_window: int = 128
+    """Steps in the spike rule's running statistics."""
+
+    spike_ratio: float = 10.0
+    """A grad norm or loss at least this many times the running maximum is a spike too (Megatron's rule; 0 = off)."""
 
     telemetry_interval: int = 10
     """Write a ``telemetry`` event every this many steps (faults and actions are always written)."""
@@ -94,7 +136,8 @@ class GradienceConfig:
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), f.type)
         _positive_int(self, "guard_snapshot_interval", "guard_max_consecutive_skips", "guard_snapshot_keep",
-                      "guard_max_snapshot_failures", "spectral_interval", "telemetry_interval", "probe_error_limit")
+                      "guard_max_snapshot_failures", "spectral_interval", "telemetry_interval", "probe_error_limit",
+                      "spectral_iters")
         _non_negative_int(self, "guard_max_rollbacks", "fingerprint_interval", "redact_max_chars",
                           "guard_snapshot_commit_lag")
         if not (math.isfinite(self.guard_violation_threshold) and self.guard_violation_threshold > 0):
@@ -112,6 +155,35 @@ class GradienceConfig:
                               f"guard_snapshot_interval ({self.guard_snapshot_interval})")
         if not self.out_dir:
             raise ConfigError("out_dir must be a non-empty path")
+        if self.spectral_definition not in SPECTRAL_DEFINITIONS:
+            raise ConfigError(f"spectral_definition must be one of {SPECTRAL_DEFINITIONS}, got "
+                              f"{self.spectral_definition!r}")
+        self.risk_bands()  # validates the risk_* fields, naming the one that is wrong
+        if self.spike_action not in SPIKE_ACTIONS:
+            raise ConfigError(f"spike_action must be one of {SPIKE_ACTIONS}, got {self.spike_action!r}")
+        self.spike_rule()
+
+    def spike_rule(self) -> SpikeRule:
+        """The spike rule these fields describe."""
+        try:
+            return SpikeRule(window=self.spike_window, sigmas=self.spike_sigmas,
+                             warmup=max(20, self.spike_window // 2), ratio=self.spike_ratio > 0,
+                             factor=self.spike_ratio if self.spike_ratio > 0 else 10.0)
+        except ValueError as e:
+            raise ConfigError(f"spike_*: {e}") from None
+
+    def risk_bands(self) -> RiskBands:
+        """The risk-level bands these fields describe."""
+        names = {"stable_below": "risk_learning_slope", "learning_below": "risk_warning_slope",
+                 "warning_below": "risk_danger_slope", "instability_volatility": "risk_instability_volatility",
+                 "window": "risk_window", "burn_in_steps": "risk_burn_in_steps"}
+        try:
+            return RiskBands(**{k: getattr(self, v) for k, v in names.items()})
+        except ValueError as e:
+            msg = str(e)
+            for k, v in names.items():
+                msg = msg.replace(k, v)
+            raise ConfigError(msg) from None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> GradienceConfig:

@@ -35,7 +35,11 @@ _FLAGS = (
 _MAGS = ("grad_norm", "weight_norm")
 _NAN = len(_FLAGS) + len(_MAGS)  # one "is NaN" flag per magnitude
 _FP = _NAN + len(_MAGS)
-_RANKS = _FP + 2
+# κ̃, stable rank and loss: MAX over ranks (κ̃ is equal on replicas; the loss is each rank's own, and the
+# largest is what the spike rule judges, so one rank's spike is everyone's decision). Absent: -inf.
+_SPEC = ("spectral_kappa", "stable_rank", "loss")
+_SP = _FP + 2
+_RANKS = _SP + len(_SPEC)
 
 
 def pack(report: ProbeReport, rank: int, world_size: int) -> torch.Tensor:
@@ -51,6 +55,9 @@ def pack(report: ProbeReport, rank: int, world_size: int) -> torch.Tensor:
         vec[len(_FLAGS) + i] = v
     fp = report.fingerprint
     vec[_FP], vec[_FP + 1] = (fp, -fp) if fp is not None else (-math.inf, -math.inf)
+    for i, name in enumerate(_SPEC):
+        v = getattr(report, name)
+        vec[_SP + i] = v if v is not None and not math.isnan(v) else -math.inf
     if report.faulty:
         vec[_RANKS + rank] = 1.0
     return vec
@@ -69,6 +76,7 @@ def unpack(vec: torch.Tensor, report: ProbeReport, world_size: int) -> Verdict:
         # Both -inf: nobody sent a fingerprint this step.
         replica_divergence=math.isfinite(hi) and hi != -neg_lo,
         faulty_ranks=tuple(r for r in range(world_size) if v[_RANKS + r] > 0),
+        **{name: (v[_SP + i] if v[_SP + i] != -math.inf else None) for i, name in enumerate(_SPEC)},
         **flags,
         **mags,
     )

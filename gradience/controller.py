@@ -29,6 +29,7 @@ from gradience.reports import Reports
 from gradience.rundir import RunLock, lock_everywhere, snapshot_root
 from gradience.sinks import make_sinks
 from gradience.snapshot import SnapshotStore
+from gradience.spectral_monitor import SpectralMonitor
 from gradience.telemetry import Telemetry
 from gradience.types import Action, GuardState, Phase, ProbeReport, Reason, Verdict
 
@@ -76,6 +77,7 @@ class GradienceController(Reports, Effects):
         self._health = ProbeHealth(self.config.probe_error_limit)
         self._lock: RunLock | None = None
         self._warned_backoff = False
+        self._spectral: SpectralMonitor | None = None
         #: Step label of the snapshot ``initialize(resume="latest")`` continued from (None: a fresh start).
         self.resumed_step: int | None = None
         self._prior = self.state
@@ -145,6 +147,8 @@ class GradienceController(Reports, Effects):
             self.lr.set(self.state.lr_scale)  # a guard state loaded before initialize carries its scale
         install_sigterm(self)
         watch_join()
+        if self.config.spectral_enabled:
+            self._spectral = SpectralMonitor(model, self.config, self.telemetry)
         if not guard:
             return
         if self.config.fingerprint_interval:
@@ -167,7 +171,7 @@ class GradienceController(Reports, Effects):
     # ------------------------------------------------------------------------------------------ per step
     def before_optimizer_step(
         self, model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
-        *, step: int | None = None, scaler: Any | None = None,
+        *, step: int | None = None, scaler: Any | None = None, loss: torch.Tensor | float | None = None,
     ) -> bool:
         """Gradient gate, after backward (and clipping), before ``optimizer.step()`` (collective).
 
@@ -176,7 +180,8 @@ class GradienceController(Reports, Effects):
         With a ``torch.amp.GradScaler`` the gradients are unscaled first (``unscale_``, as for clipping) so
         thresholds apply to true values, and an overflow the scaler will skip anyway is not counted as a
         fault (``scaler_skipped_steps``). Pass ``scaler=``; without it the one enabled GradScaler in the
-        process is found and used (a second one is ambiguous and reported).
+        process is found and used (a second one is ambiguous and reported). Pass ``loss=`` (this step's loss)
+        so the spike rule (``spike_action``) judges it with the gradient norm; without it, the grad norm alone.
         """
         self._require_initialized()
         if self.halted:
@@ -192,6 +197,8 @@ class GradienceController(Reports, Effects):
         def probe() -> ProbeReport:
             overflow = unscale(scaler, optimizer)
             report = probe_grads(params, step=step, threshold=self.config.guard_violation_threshold)
+            if loss is not None:
+                report = dataclasses.replace(report, loss=_scalar_loss(loss))
             if overflow:  # inf/NaN explained by the loss scale: the scaler skips this step and lowers it
                 report = dataclasses.replace(report, nonfinite_grads=False, violation_grads=False,
                                              scaler_overflow=True)
@@ -202,6 +209,8 @@ class GradienceController(Reports, Effects):
         self._note_probe_errors(Phase.GRADS, step, verdict)
         self._prior = self.state
         self.state, decision = policy.decide(self.state, verdict, self.config)
+        if decision.reason is Reason.SPIKE and decision.action is Action.CONTINUE:
+            self.telemetry.emit("spike", step=step, action="log", detail=decision.detail, **self._blame(verdict))
         if decision.action is Action.CONTINUE and not verdict.scaler_overflow:
             return True
         bad = self._bad(report, grads=True) if decision.reason is not None else None  # before the grads go
@@ -212,7 +221,7 @@ class GradienceController(Reports, Effects):
             self.scaler_skips += 1
         elif decision.action is Action.SKIP_STEP:
             self.telemetry.emit("skip_step", step=step, reason=decision.reason, **self._blame(verdict),
-                                grad_norm=verdict.grad_norm, bad=bad)
+                                grad_norm=verdict.grad_norm, bad=bad, detail=decision.detail)
         else:
             self._act(step, verdict, decision)
         return False
@@ -243,10 +252,14 @@ class GradienceController(Reports, Effects):
                 loss, model, step=step, threshold=self.config.guard_violation_threshold,
                 update_skipped=skipped, with_fingerprint=fingerprint))
         self.last_loss = report.loss
+        if self._spectral is not None and policy.spectral_due(tick, self.config):
+            report = dataclasses.replace(report, **self._spectral.measure())
         verdict = dataclasses.replace(self._agree(report), tick=tick)
         self._note_probe_errors(Phase.STEP, step, verdict)
         self._prior = self.state
         self.state, decision = policy.decide(self.state, verdict, self.config)
+        if verdict.spectral_kappa is not None:
+            self._spectral.report(step, tick, verdict, self._prior.risk_level, self.state)
         if not self.config.guard_enabled and decision.reason is not self._monitored_reason:
             # Monitor mode: a corrupted run stays faulty every step; report when the condition changes.
             self._monitored_reason = decision.reason
@@ -256,7 +269,8 @@ class GradienceController(Reports, Effects):
         if step % self.config.telemetry_interval == 0:
             self.telemetry.emit("telemetry", step=step, train_loss=self.last_loss, lr=self._lr(),
                                 lr_scale=self.state.lr_scale, weight_norm=verdict.weight_norm,
-                                spectral_kappa=None, risk_level=None)
+                                spectral_kappa=self._spectral.last_kappa if self._spectral else None,
+                                risk_level=self.state.risk_level)
         return not self.halted
 
     def finalize(self) -> dict[str, Any]:
@@ -325,6 +339,13 @@ def _world_size() -> int:
     import torch.distributed as dist
 
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _scalar_loss(loss: torch.Tensor | float) -> float:
+    """The loss as one float for the spike rule (the mean of a non-scalar loss; one host sync)."""
+    if isinstance(loss, torch.Tensor):
+        return float(loss.detach().float().mean())
+    return float(loss)
 
 
 def _params_of(optimizer: torch.optim.Optimizer | None, model: torch.nn.Module | None) -> list[torch.nn.Parameter]:

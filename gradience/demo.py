@@ -196,7 +196,7 @@ def _run(args: argparse.Namespace, config: GradienceConfig, rank: int, world_siz
                 named[INJECT_PARAM].grad.view(-1)[0] = float("nan")
             _announce(bar, f"[inject] NaN gradient on {INJECT_PARAM} at step {step} (rank {rank})")
         # The gate drops the gradients of a rejected update, so the unconditional step below is a no-op then.
-        controller.before_optimizer_step(module, optimizer)
+        controller.before_optimizer_step(module, optimizer, loss=loss)  # the loss: for the spike rule
         optimizer.step()
         scheduler.step()
         if injecting and args.inject_nan:
@@ -249,6 +249,10 @@ def _run(args: argparse.Namespace, config: GradienceConfig, rank: int, world_siz
     if guard["halt_reason"]:
         say(f"  Halted: {guard['halt_reason']} (exit status {EXIT_GUARD_HALTED})")
     say(f"  LR scale: {guard['lr_scale']:g}")
+    spectral = summary.get("spectral") or {}
+    if spectral.get("final_kappa") is not None:
+        say(f"  Spectral κ̃: {spectral['final_kappa']:.4g} ({spectral.get('definition')}), "
+            f"risk {spectral.get('final_risk_level')}")
     say(f"  Telemetry: {Path(config.out_dir) / 'telemetry.jsonl'}  Summary: {Path(config.out_dir) / 'summary.json'}")
     say("=" * 64)
     return code

@@ -92,7 +92,7 @@ class Effects:
                     "rollback_success", step=step, to_step=self.recovery.labels.get(sid), to_snapshot=sid,
                     reason=first_reason, lr=self._lr(), lr_scale=self.state.lr_scale, **self._blame(verdict),
                     bad=bad, total_rollbacks=self.state.total_rollbacks,
-                    replicas_repaired=verdict.replica_divergence)
+                    replicas_repaired=verdict.replica_divergence, detail=decision.detail)
                 self._warn_backoff(step)
                 return
             self.telemetry.emit("rollback_failed", step=step, to_step=self.recovery.labels.get(sid), to_snapshot=sid,

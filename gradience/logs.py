@@ -276,8 +276,9 @@ _Out = tuple[int, str, bool] | None
 def _skip_step(lg: EventLogger, r: Mapping[str, Any]) -> _Out:
     names, more = _bad_names(r)
     norm = f" (grad norm {_t(r.get('grad_norm'))})" if r.get("grad_norm") is not None else ""
+    detail = f" [{_t(r.get('detail'))}]" if r.get("detail") else ""
     msg = (f"skipped the update of step {_t(r.get('step'))}: {_t(r.get('reason'))}{_on_ranks(r.get('faulty_ranks'))}"
-           f"{norm}{_in_bad(names, more)}")
+           f"{norm}{_in_bad(names, more)}{detail}")
     return logging.WARNING, msg, _evidence(lg, r, names)
 
 
@@ -384,7 +385,28 @@ def _telemetry(lg: EventLogger, r: Mapping[str, Any]) -> _Out:
             f"LR scale {_t(r.get('lr_scale'))}, weight norm {_t(r.get('weight_norm'))}", True)
 
 
+def _spike(lg: EventLogger, r: Mapping[str, Any]) -> _Out:
+    return (logging.WARNING, f"spike{_at(r.get('step'))}: {_t(r.get('detail'))} (spike_action: log; the update "
+            "went ahead)", False)
+
+
+def _spectral_definition(lg: EventLogger, r: Mapping[str, Any]) -> _Out:
+    level = logging.WARNING if r.get("fallback") else logging.INFO
+    return level, f"spectral probe κ̃ = {_t(r.get('detail'))}", False
+
+
+def _risk_level(lg: EventLogger, r: Mapping[str, Any]) -> _Out:
+    level = _t(r.get("level"))
+    loud = level in ("WARNING", "DANGER", "INSTABILITY")
+    return (logging.WARNING if loud else logging.INFO,
+            f"spectral risk {_t(r.get('previous'))} -> {level}{_at(r.get('step'))}: κ̃ {_t(r.get('kappa'))}, "
+            f"slope {_t(r.get('slope'))}/step, volatility {_t(r.get('volatility'))}", False)
+
+
 _FORMATTERS = {
+    "spike": _spike,
+    "spectral_definition": _spectral_definition,
+    "risk_level": _risk_level,
     "skip_step": _skip_step,
     "rollback_success": _rollback_success,
     "rollback_failed": _rollback_failed,

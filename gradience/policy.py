@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from gradience import risk
 from gradience.config import GradienceConfig
 from gradience.types import Action, Decision, GuardState, Phase, Reason, Verdict
 
@@ -16,7 +17,15 @@ def decide(state: GuardState, verdict: Verdict, config: GradienceConfig) -> tupl
     """Decide what to do with one phase of one step."""
     if state.halted:
         return state, Decision(action=Action.HALT, reason=state.halt_reason, lr_scale=state.lr_scale)
+    state = observe_spectral(state, verdict, config)
     reason = verdict.fault_reason()
+    detail = None
+    if reason is None and verdict.phase is Phase.GRADS and config.spike_action != "off":
+        state, detail = _check_spike(state, verdict, config)
+        if detail is not None:
+            reason = Reason.SPIKE
+            if config.spike_action == "log":
+                return state, Decision(action=Action.CONTINUE, reason=reason, lr_scale=state.lr_scale, detail=detail)
     if reason is None:
         return _healthy(state, verdict, config)
     if reason is Reason.PROBE_ERROR:
@@ -29,12 +38,14 @@ def decide(state: GuardState, verdict: Verdict, config: GradienceConfig) -> tupl
         )
     if not config.guard_enabled:
         return state, Decision(action=Action.CONTINUE, reason=reason, lr_scale=state.lr_scale)
-    if verdict.phase is Phase.GRADS and state.consecutive_skips < config.guard_max_consecutive_skips:
+    skip_it = reason is not Reason.SPIKE or config.spike_action == "skip"
+    if verdict.phase is Phase.GRADS and skip_it and state.consecutive_skips < config.guard_max_consecutive_skips:
         state = dataclasses.replace(
             state, skipped_steps=state.skipped_steps + 1, consecutive_skips=state.consecutive_skips + 1
         )
-        return state, Decision(action=Action.SKIP_STEP, reason=reason, lr_scale=state.lr_scale)
-    return _rollback(state, reason, config)
+        return state, Decision(action=Action.SKIP_STEP, reason=reason, lr_scale=state.lr_scale, detail=detail)
+    state, decision = _rollback(state, reason, config)
+    return state, dataclasses.replace(decision, detail=detail)
 
 
 def _healthy(state: GuardState, verdict: Verdict, config: GradienceConfig) -> tuple[GuardState, Decision]:
@@ -48,6 +59,36 @@ def _healthy(state: GuardState, verdict: Verdict, config: GradienceConfig) -> tu
     due = config.guard_enabled and not verdict.update_skipped and snapshot_due(tick, config)
     action = Action.SNAPSHOT if due else Action.CONTINUE
     return state, Decision(action=action, lr_scale=state.lr_scale)
+
+
+def _check_spike(state: GuardState, verdict: Verdict, config: GradienceConfig) -> tuple[GuardState, str | None]:
+    """Run the spike rule on the agreed loss and grad norm; the new state and, if it fired, why."""
+    memory = risk.SpikeState.from_dict(state.spike_state) if state.spike_state else risk.SpikeState()
+    memory, spike = risk.check_spike(memory, loss=verdict.loss, grad_norm=verdict.grad_norm,
+                                     rule=config.spike_rule())
+    state = dataclasses.replace(state, spike_state=memory.to_dict())
+    return state, (spike.describe() if spike.fired else None)
+
+
+def spectral_due(tick: int, config: GradienceConfig) -> bool:
+    """True when the step at ``tick`` of the guard's clock carries a spectral probe."""
+    return config.spectral_enabled and tick % config.spectral_interval == 0
+
+
+def observe_spectral(state: GuardState, verdict: Verdict, config: GradienceConfig) -> GuardState:
+    """Fold an agreed κ̃ into the history and the risk level (identical on every rank)."""
+    if verdict.phase is not Phase.STEP or verdict.spectral_kappa is None:
+        return state
+    tick = verdict.tick if verdict.tick is not None else verdict.step
+    bands = config.risk_bands()
+    history = risk.append_history(state.kappa_history, tick, verdict.spectral_kappa, bands.window)
+    reading = risk.risk_level(history, bands, tick=tick)
+    return dataclasses.replace(state, kappa_history=history, risk_level=reading.level.value)
+
+
+def risk_reading(state: GuardState, config: GradienceConfig, tick: int) -> risk.RiskReading:
+    """The risk level with its slope and volatility, from the state's history (for reports)."""
+    return risk.risk_level(state.kappa_history, config.risk_bands(), tick=tick)
 
 
 def snapshot_due(tick: int, config: GradienceConfig) -> bool:
@@ -66,6 +107,8 @@ def _rollback(state: GuardState, reason: Reason, config: GradienceConfig) -> tup
         return _halt(state, Reason.NO_GOOD_SNAPSHOT)
     state = dataclasses.replace(
         state,
+        # The restored weights take κ̃ back to an old value: fitted across the jump, it would read as volatility.
+        kappa_history=(),
         lr_scale=state.lr_scale * config.guard_lr_backoff,
         total_rollbacks=state.total_rollbacks + 1,
         episode_rollbacks=state.episode_rollbacks + 1,

@@ -78,7 +78,9 @@ class Reports:
                 "snapshot_ids": list(s.committed),
                 "disabled_checks": self._health.disabled(),
             },
-            "spectral": {"final_kappa": None, "final_risk_level": None},
+            "spectral": {"final_kappa": self._spectral.last_kappa if self._spectral else None,
+                         "final_risk_level": s.risk_level,
+                         "definition": self._spectral.definition if self._spectral else None},
             # Identical on every replica of a healthy data-parallel run (compare the ranks' summary events).
             "weights_fingerprint": self._weights_fingerprint(),
         }

@@ -31,6 +31,7 @@ class Reason(str, enum.Enum):
     ROLLBACK_BUDGET_EXHAUSTED = "ROLLBACK_BUDGET_EXHAUSTED"
     NO_GOOD_SNAPSHOT = "NO_GOOD_SNAPSHOT"
     RESTORE_FAILED = "RESTORE_FAILED"
+    SPIKE = "SPIKE"
 
 
 class Phase(str, enum.Enum):
@@ -76,6 +77,9 @@ class ProbeReport:
     loss: float | None = None
     #: Order-independent checksum of the weights, or None when not computed this step.
     fingerprint: float | None = None
+    #: Spectral probe κ̃ and stable-rank concentration, or None on steps without a probe.
+    spectral_kappa: float | None = None
+    stable_rank: float | None = None
 
     @property
     def faulty(self) -> bool:
@@ -117,6 +121,11 @@ class Verdict:
     #: The guard's own clock for this step (the loop's step numbers are labels and may repeat); None = use
     #: ``step``.
     tick: int | None = None
+    #: Agreed spectral probe values (None on steps without a probe).
+    spectral_kappa: float | None = None
+    stable_rank: float | None = None
+    #: The largest loss any rank reported for this check (None when no rank gave one).
+    loss: float | None = None
 
     def fault_reason(self) -> Reason | None:
         """The most specific reason this verdict calls for action, or None when healthy."""
@@ -156,6 +165,8 @@ class Decision:
     target_step: int | None = None
     #: LR scale in force after this decision (relative to the undisturbed schedule).
     lr_scale: float = 1.0
+    #: Why, in words, when the numbers matter (a spike: the value and the bar it crossed).
+    detail: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -178,6 +189,12 @@ class GuardState:
     halt_reason: Reason | None = None
     first_fault_step: int | None = None
     first_fault_ranks: tuple[int, ...] = ()
+    #: (tick, κ̃) of the recent spectral probes (what the risk level is fitted on), oldest first.
+    kappa_history: tuple[tuple[int, float], ...] = ()
+    #: The spectral risk level after the newest probe (a RiskLevel value), None before the first.
+    risk_level: str | None = None
+    #: The spike rule's memory (:class:`gradience.risk.SpikeState` as a dict), None before the first check.
+    spike_state: dict | None = None
 
     def failures(self, step: int) -> int:
         """How many rollbacks to snapshot ``step`` were followed by another fault."""
@@ -190,6 +207,7 @@ class GuardState:
         out["committed"] = list(self.committed)
         out["target_failures"] = [list(p) for p in self.target_failures]
         out["first_fault_ranks"] = list(self.first_fault_ranks)
+        out["kappa_history"] = [list(p) for p in self.kappa_history]
         return out
 
     @classmethod
@@ -207,6 +225,8 @@ class GuardState:
                 d[key] = tuple(int(x) for x in d[key])
         if "target_failures" in d:
             d["target_failures"] = tuple((int(s), int(n)) for s, n in d["target_failures"])
+        if "kappa_history" in d:
+            d["kappa_history"] = tuple((int(t), float(k)) for t, k in d["kappa_history"])
         return cls(**d)
 
 

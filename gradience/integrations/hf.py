@@ -168,7 +168,8 @@ class GradienceCallback(TrainerCallback, ExportableState):
         optimizer = kwargs.get("optimizer")
         # fp16: accelerate's optimizer wrapper owns the GradScaler; the gate unscales through it.
         self.controller.before_optimizer_step(kwargs.get("model"), unwrap_optimizer(optimizer),
-                                              step=state.global_step + 1, scaler=getattr(optimizer, "scaler", None))
+                                              step=state.global_step + 1, scaler=getattr(optimizer, "scaler", None),
+                                              loss=self._step_loss(args, clear=False))
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> TrainerControl:
@@ -216,12 +217,13 @@ class GradienceCallback(TrainerCallback, ExportableState):
             self._losses.append(loss.detach())
             self._loss_normalized = kwargs.get("num_items_in_batch") is not None
 
-    def _step_loss(self, args: TrainingArguments) -> torch.Tensor | None:
+    def _step_loss(self, args: TrainingArguments, *, clear: bool = True) -> torch.Tensor | None:
         """The step's loss as the Trainer reports it, or None when the model returned none (weights only)."""
         if not self._losses:
             return None
         losses = torch.stack([x.float().reshape(()) for x in self._losses])
-        self._losses.clear()
+        if clear:
+            self._losses.clear()
         if not self._loss_normalized:
             return losses.mean()
         # Normalized by num_items_in_batch (the token count of all micro-batches, of all ranks when
