@@ -75,11 +75,11 @@ def test_a_rollback_restarts_the_kappa_history():
     assert decision.action.value == "rollback" and state.kappa_history == ()
 
 
-def test_risk_level_rises_with_a_growing_kappa_and_is_logged(tmp_path, caplog):
+def test_risk_level_rises_with_a_growing_kappa():
     config = GradienceConfig(risk_burn_in_steps=0, guard_snapshot_interval=1000)
     state = GuardState()
     levels = []
-    for i, tick in enumerate(range(0, 400, 50)):
+    for tick in range(0, 400, 50):
         kappa = math.exp(0.005 * tick)  # slope 0.005/step: DANGER
         state, _ = policy.decide(state, Verdict(phase=Phase.STEP, step=tick, tick=tick, spectral_kappa=kappa), config)
         levels.append(state.risk_level)
@@ -111,3 +111,22 @@ def test_healthy_runs_stay_below_warning_after_burn_in(tmp_path, arch):
     run_loop(model, loss_fn, ctl, steps=1000, lr=1e-3)
     after = [e["risk_level"] for e in events(tmp_path, "spectral") if e["step"] >= 500]
     assert after and all(level in ("STABLE", "LEARNING") for level in after), after
+
+
+def test_a_growing_attention_scale_raises_the_risk_level_in_telemetry_and_log(tmp_path, caplog):
+    """Q and K weights grown 1 % per step: κ̃ ∝ scale², a slope of 2·ln(1.01) ≈ 0.02 per step, far into DANGER."""
+
+    def grow(step, model):
+        with torch.no_grad():
+            for block in model.transformer.h:
+                block.attn.c_attn.weight.mul_(1.01)
+
+    ctl = GradienceController(out_dir=str(tmp_path), spectral_interval=5, risk_burn_in_steps=0,
+                              guard_snapshot_interval=1000)
+    with caplog.at_level(logging.INFO, logger="gradience"):
+        run_loop(make_gpt2(), gpt2_loss, ctl, steps=41, lr=1e-4, on_update=grow)
+    changes = [(e["previous"], e["level"]) for e in events(tmp_path, "risk_level")]
+    assert changes[-1][1] == "DANGER", changes
+    slope = events(tmp_path, "spectral")[-1]["slope"]
+    assert slope == pytest.approx(2 * math.log(1.01), rel=0.25)
+    assert any(r.levelno == logging.WARNING and "-> DANGER" in r.getMessage() for r in caplog.records)
