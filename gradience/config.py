@@ -96,6 +96,14 @@ class GradienceConfig:
     risk_instability_volatility: float = 0.003
     """Volatility (std of Δlog κ̃ per step) above which the level is INSTABILITY."""
 
+    risk_reactions: bool = False
+    """React to the spectral risk level: WARNING → a snapshot and a probe every step for risk_burst_steps;
+    DANGER → a snapshot and one LR backoff per episode; INSTABILITY → a rollback (a halt once the budget is
+    spent). Off by default until the spectral bench has validated the bands; levels are always reported."""
+
+    risk_burst_steps: int = 50
+    """Steps of every-step probing after a WARNING reaction."""
+
     spike_action: str = "log"
     """What a finite loss / grad-norm spike at the gradient gate does: 'off', 'log' (report only), 'skip' (drop
     the update; repeated skips roll back) or 'rollback'. Pass the loss to before_optimizer_step to test it."""
@@ -137,7 +145,7 @@ class GradienceConfig:
             _check_type(f.name, getattr(self, f.name), f.type)
         _positive_int(self, "guard_snapshot_interval", "guard_max_consecutive_skips", "guard_snapshot_keep",
                       "guard_max_snapshot_failures", "spectral_interval", "telemetry_interval", "probe_error_limit",
-                      "spectral_iters")
+                      "spectral_iters", "risk_burst_steps")
         _non_negative_int(self, "guard_max_rollbacks", "fingerprint_interval", "redact_max_chars",
                           "guard_snapshot_commit_lag")
         if not (math.isfinite(self.guard_violation_threshold) and self.guard_violation_threshold > 0):

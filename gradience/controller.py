@@ -252,7 +252,7 @@ class GradienceController(Reports, Effects):
                 loss, model, step=step, threshold=self.config.guard_violation_threshold,
                 update_skipped=skipped, with_fingerprint=fingerprint))
         self.last_loss = report.loss
-        if self._spectral is not None and policy.spectral_due(tick, self.config):
+        if self._spectral is not None and policy.spectral_due(tick, self.config, self.state):
             report = dataclasses.replace(report, **self._spectral.measure())
         verdict = dataclasses.replace(self._agree(report), tick=tick)
         self._note_probe_errors(Phase.STEP, step, verdict)
@@ -260,6 +260,11 @@ class GradienceController(Reports, Effects):
         self.state, decision = policy.decide(self.state, verdict, self.config)
         if verdict.spectral_kappa is not None:
             self._spectral.report(step, tick, verdict, self._prior.risk_level, self.state)
+        if decision.detail and decision.reason is None:  # a reaction to the spectral risk level
+            self.telemetry.emit("risk_reaction", step=step, level=self.state.risk_level, detail=decision.detail,
+                                lr_scale=self.state.lr_scale, kappa=verdict.spectral_kappa)
+        if self.lr is not None and self.lr.scale != self.state.lr_scale and not self.state.halted:
+            self.lr.set(self.state.lr_scale)  # a DANGER reaction lowered the scale without a rollback
         if not self.config.guard_enabled and decision.reason is not self._monitored_reason:
             # Monitor mode: a corrupted run stays faulty every step; report when the condition changes.
             self._monitored_reason = decision.reason

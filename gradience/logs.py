@@ -390,6 +390,10 @@ def _spike(lg: EventLogger, r: Mapping[str, Any]) -> _Out:
             "went ahead)", False)
 
 
+def _risk_reaction(lg: EventLogger, r: Mapping[str, Any]) -> _Out:
+    return logging.WARNING, f"{_t(r.get('detail'))}{_at(r.get('step'))} (κ̃ {_t(r.get('kappa'))})", False
+
+
 def _spectral_definition(lg: EventLogger, r: Mapping[str, Any]) -> _Out:
     level = logging.WARNING if r.get("fallback") else logging.INFO
     return level, f"spectral probe κ̃ = {_t(r.get('detail'))}", False
@@ -404,6 +408,7 @@ def _risk_level(lg: EventLogger, r: Mapping[str, Any]) -> _Out:
 
 
 _FORMATTERS = {
+    "risk_reaction": _risk_reaction,
     "spike": _spike,
     "spectral_definition": _spectral_definition,
     "risk_level": _risk_level,

@@ -10,7 +10,7 @@ import dataclasses
 
 from gradience import risk
 from gradience.config import GradienceConfig
-from gradience.types import Action, Decision, GuardState, Phase, Reason, Verdict
+from gradience.types import Action, Decision, GuardState, Phase, Reason, RiskLevel, Verdict
 
 
 def decide(state: GuardState, verdict: Verdict, config: GradienceConfig) -> tuple[GuardState, Decision]:
@@ -26,6 +26,8 @@ def decide(state: GuardState, verdict: Verdict, config: GradienceConfig) -> tupl
             reason = Reason.SPIKE
             if config.spike_action == "log":
                 return state, Decision(action=Action.CONTINUE, reason=reason, lr_scale=state.lr_scale, detail=detail)
+    if reason is None and _reacting(verdict, config) and state.risk_level == RiskLevel.INSTABILITY.value:
+        reason = Reason.SPECTRAL_INSTABILITY
     if reason is None:
         return _healthy(state, verdict, config)
     if reason is Reason.PROBE_ERROR:
@@ -57,8 +59,33 @@ def _healthy(state: GuardState, verdict: Verdict, config: GradienceConfig) -> tu
     # episode and refill the budget while the fault persists.
     tick = verdict.tick if verdict.tick is not None else verdict.step
     due = config.guard_enabled and not verdict.update_skipped and snapshot_due(tick, config)
+    detail = None
+    if _reacting(verdict, config):
+        state, react, detail = _react(state, tick, config)
+        due = due or (react and not verdict.update_skipped)
     action = Action.SNAPSHOT if due else Action.CONTINUE
-    return state, Decision(action=action, lr_scale=state.lr_scale)
+    return state, Decision(action=action, lr_scale=state.lr_scale, detail=detail)
+
+
+def _reacting(verdict: Verdict, config: GradienceConfig) -> bool:
+    return (config.risk_reactions and config.guard_enabled and verdict.phase is Phase.STEP
+            and verdict.spectral_kappa is not None)
+
+
+def _react(state: GuardState, tick: int, config: GradienceConfig) -> tuple[GuardState, bool, str | None]:
+    """WARNING and DANGER reactions of a healthy probe step: (state, take a snapshot?, what was done)."""
+    level = state.risk_level
+    if level == RiskLevel.WARNING.value:
+        state = dataclasses.replace(state, burst_until=tick + config.risk_burst_steps)
+        return state, True, f"spectral WARNING: snapshot, probing every step until step tick {state.burst_until}"
+    if level == RiskLevel.DANGER.value:
+        if state.risk_backoff_done:
+            return state, True, "spectral DANGER: snapshot (LR already backed off in this episode)"
+        state = dataclasses.replace(state, lr_scale=state.lr_scale * config.guard_lr_backoff, risk_backoff_done=True)
+        return state, True, f"spectral DANGER: snapshot and LR backoff to scale {state.lr_scale:g}"
+    if state.risk_backoff_done:  # back to LEARNING or STABLE: the episode is over
+        state = dataclasses.replace(state, risk_backoff_done=False)
+    return state, False, None
 
 
 def _check_spike(state: GuardState, verdict: Verdict, config: GradienceConfig) -> tuple[GuardState, str | None]:
@@ -70,9 +97,13 @@ def _check_spike(state: GuardState, verdict: Verdict, config: GradienceConfig) -
     return state, (spike.describe() if spike.fired else None)
 
 
-def spectral_due(tick: int, config: GradienceConfig) -> bool:
-    """True when the step at ``tick`` of the guard's clock carries a spectral probe."""
-    return config.spectral_enabled and tick % config.spectral_interval == 0
+def spectral_due(tick: int, config: GradienceConfig, state: GuardState | None = None) -> bool:
+    """True when the step at ``tick`` of the guard's clock carries a spectral probe (every step during a
+    WARNING burst)."""
+    if not config.spectral_enabled:
+        return False
+    bursting = state is not None and state.burst_until is not None and tick <= state.burst_until
+    return bursting or tick % config.spectral_interval == 0
 
 
 def observe_spectral(state: GuardState, verdict: Verdict, config: GradienceConfig) -> GuardState:

@@ -195,6 +195,10 @@ class GuardState:
     risk_level: str | None = None
     #: The spike rule's memory (:class:`gradience.risk.SpikeState` as a dict), None before the first check.
     spike_state: dict | None = None
+    #: A DANGER reaction backed the LR off in the current elevated-risk episode (reset at LEARNING or below).
+    risk_backoff_done: bool = False
+    #: Probe κ̃ every step up to this tick (a WARNING reaction), None when not bursting.
+    burst_until: int | None = None
 
     def failures(self, step: int) -> int:
         """How many rollbacks to snapshot ``step`` were followed by another fault."""

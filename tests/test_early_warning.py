@@ -130,3 +130,59 @@ def test_a_growing_attention_scale_raises_the_risk_level_in_telemetry_and_log(tm
     slope = events(tmp_path, "spectral")[-1]["slope"]
     assert slope == pytest.approx(2 * math.log(1.01), rel=0.25)
     assert any(r.levelno == logging.WARNING and "-> DANGER" in r.getMessage() for r in caplog.records)
+
+
+def _probe(state, tick, kappa, config):
+    return policy.decide(state, Verdict(phase=Phase.STEP, step=tick, tick=tick, spectral_kappa=kappa), config)
+
+
+def test_reactions_warning_bursts_danger_backs_off_once_instability_rolls_back():
+    config = GradienceConfig(risk_burn_in_steps=0, risk_reactions=True, guard_snapshot_interval=1000,
+                             risk_burst_steps=30)
+    # WARNING: slope 0.003/step.
+    state, decisions = GuardState(committed=(0,)), []
+    for tick in range(0, 200, 10):
+        state, d = _probe(state, tick, math.exp(0.003 * tick), config)
+        decisions.append(d)
+    assert state.risk_level == "WARNING" and decisions[-1].action.value == "snapshot"
+    assert state.burst_until == 190 + 30 and policy.spectral_due(201, config, state)
+    assert not policy.spectral_due(221, config, state) and state.lr_scale == 1.0
+    # DANGER (slope 0.006): one backoff for the whole episode, however many probes read DANGER.
+    state = GuardState(committed=(0,))
+    for tick in range(0, 300, 10):
+        state, d = _probe(state, tick, math.exp(0.006 * tick), config)
+    assert state.risk_level == "DANGER" and state.lr_scale == 0.5 and state.risk_backoff_done
+    for tick in range(300, 500, 10):  # flat again: the episode ends, a later DANGER may back off again
+        state, d = _probe(state, tick, math.exp(0.006 * 290), config)
+    assert state.risk_level == "STABLE" and not state.risk_backoff_done and state.lr_scale == 0.5
+    # INSTABILITY (volatile κ̃): a rollback, with its budget and LR backoff.
+    state = GuardState(committed=(0,))
+    for i, tick in enumerate(range(0, 100, 10)):
+        state, d = _probe(state, tick, math.exp(0.2 * (i % 2)), config)
+        if d.action.value == "rollback":
+            break
+    assert (d.action.value, d.reason.value) == ("rollback", "SPECTRAL_INSTABILITY") and state.total_rollbacks == 1
+    # Reactions off (the default): levels are reported, nothing is done.
+    quiet = config.replace(risk_reactions=False)
+    state = GuardState(committed=(0,))
+    for tick in range(0, 300, 10):
+        state, d = _probe(state, tick, math.exp(0.006 * tick), quiet)
+    assert state.risk_level == "DANGER" and state.lr_scale == 1.0 and d.action.value == "continue"
+
+
+def test_a_danger_reaction_backs_the_lr_off_in_a_real_loop(tmp_path, caplog):
+    def grow(step, model):
+        with torch.no_grad():
+            for block in model.transformer.h:
+                block.attn.c_attn.weight.mul_(1.01)
+
+    ctl = GradienceController(out_dir=str(tmp_path), spectral_interval=5, risk_burn_in_steps=0,
+                              guard_snapshot_interval=1000, risk_reactions=True)
+    with caplog.at_level(logging.WARNING, logger="gradience"):
+        out = run_loop(make_gpt2(), gpt2_loss, ctl, steps=41, lr=1e-4, on_update=grow)
+    reactions = events(tmp_path, "risk_reaction")
+    assert any("DANGER: snapshot and LR backoff" in e["detail"] for e in reactions)
+    assert out["summary"]["guard"]["lr_scale"] == 0.5 and out["summary"]["guard"]["total_rollbacks"] == 0
+    first = next(e["step"] for e in reactions if "LR backoff" in e["detail"])
+    assert all(lr == pytest.approx(1e-4 * 0.5) for lr in out["lrs"][first + 1:])  # in force from the next update
+    assert any("spectral DANGER" in r.getMessage() for r in caplog.records)
