@@ -115,6 +115,8 @@ class GradienceController(Reports, Effects):
         """
         if self.telemetry is not None:
             raise RuntimeError("GradienceController.initialize() was already called; use a new controller")
+        if resume not in (False, True, "latest"):
+            raise ConfigError(f"initialize: resume must be False, True or 'latest', got {resume!r}")
         if (save_fn is None) != (load_fn is None):
             raise ConfigError("initialize: save_fn and load_fn must be given together")
         if (get_lr is None) != (set_lr is None):
@@ -135,6 +137,15 @@ class GradienceController(Reports, Effects):
         comm = self.comm
         out = Path(self.config.out_dir)
         self._lock = lock_everywhere(out, comm, self.global_rank)
+        try:
+            self._attach(out, model, optimizer, scheduler, save_fn, load_fn, get_lr, set_lr, start_step, resume)
+        except BaseException:
+            self.close()  # a failed start must not keep out_dir locked, nor hooks on the optimizer
+            raise
+
+    def _attach(self, out: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, save_fn: Any,
+                load_fn: Any, get_lr: Any, set_lr: Any, start_step: int, resume: bool | str) -> None:
+        comm, guard = self.comm, self.config.guard_enabled
         self.telemetry = Telemetry(out, rank=self.global_rank, redact_max_chars=self.config.redact_max_chars,
                                    append=bool(resume), world_size=comm.world_size, group_rank=comm.rank,
                                    log_all_ranks=self.config.log_all_ranks, summary_writer=comm.rank == 0,

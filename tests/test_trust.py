@@ -419,3 +419,19 @@ def test_replica_divergence_repair_converges_to_bitwise_equal_replicas(tmp_path)
     assert s0["weights_fingerprint"] == s1["weights_fingerprint"]
     rb = events(tmp_path, "rollback_success")
     assert rb[0]["reason"] == "REPLICA_DIVERGENCE" and rb[0]["step"] == 5 and rb[0]["replicas_repaired"]
+
+
+def test_a_failed_initialize_releases_the_out_dir(tmp_path):
+    from gradience import SnapshotError
+
+    (tmp_path / "snapshots").write_text("a file where the snapshot directory should be")
+    model = make_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(SnapshotError, match="could not commit the initial snapshot"):
+        GradienceController(out_dir=str(tmp_path)).initialize(model, optimizer=opt)
+    (tmp_path / "snapshots").unlink()
+    again = GradienceController(out_dir=str(tmp_path))  # neither the lock nor the LR hooks were left behind
+    again.initialize(model, optimizer=opt)
+    again.finalize()
+    with pytest.raises(ConfigError, match="resume must be"):
+        GradienceController(out_dir=str(tmp_path)).initialize(model, optimizer=opt, resume="last")
