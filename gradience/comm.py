@@ -322,6 +322,10 @@ def exit_process(status: int = 0) -> None:
 
     try:
         if not _FAILED and dist.is_available() and dist.is_initialized():
+            if dist.get_backend() == "gloo":
+                # Ranks that end together leave together: a launcher that sees one rank exit stops the others
+                # (SIGTERM), and a bounded barrier keeps that from cutting a rank's own exit short.
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=10))
             dist.destroy_process_group()
     except Exception as e:  # a failed group: leaving is still the right thing to do
         logger.debug("Gradience: destroy_process_group at exit failed: %s", e)
