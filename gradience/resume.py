@@ -18,12 +18,11 @@ from gradience.comm import Comm, LocalComm
 from gradience.errors import ConfigError, SnapshotError
 from gradience.rundir import snapshot_root
 from gradience.snapshot import SnapshotInfo, SnapshotStore
+from gradience.spectral import strip_name
 from gradience.state import restore_state
 
 logger = logging.getLogger("gradience")
 
-# Wrappers that prefix state-dict keys: DDP / DataParallel ("module.") and torch.compile ("_orig_mod.").
-_PREFIXES = ("module.", "_orig_mod.")
 
 
 @dataclass
@@ -102,19 +101,9 @@ def _global_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _strip(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for p in _PREFIXES:
-            if key.startswith(p):
-                key, changed = key[len(p):], True
-    return key
-
-
 def _key_map(model: torch.nn.Module) -> dict[str, str]:
     """The target model's state-dict keys by their wrapper-free form."""
-    return {_strip(k): k for k in model.state_dict()}
+    return {strip_name(k): k for k in model.state_dict()}
 
 
 def _rekey(name: str, keys: dict[str, str]) -> str:
@@ -122,4 +111,4 @@ def _rekey(name: str, keys: dict[str, str]) -> str:
     if not name.startswith("model."):
         return name
     key = name[len("model."):]
-    return "model." + keys.get(_strip(key), key)
+    return "model." + keys.get(strip_name(key), key)
