@@ -113,18 +113,20 @@ def test_healthy_runs_stay_below_warning_after_burn_in(tmp_path, arch):
     assert after and all(level in ("STABLE", "LEARNING") for level in after), after
 
 
+def grow_attention(step, model):
+    """Scale every GPT-2 layer's fused Q/K/V weight by 1 % (κ̃ grows as its square)."""
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_attn.weight.mul_(1.01)
+
+
 def test_a_growing_attention_scale_raises_the_risk_level_in_telemetry_and_log(tmp_path, caplog):
     """Q and K weights grown 1 % per step: κ̃ ∝ scale², a slope of 2·ln(1.01) ≈ 0.02 per step, far into DANGER."""
-
-    def grow(step, model):
-        with torch.no_grad():
-            for block in model.transformer.h:
-                block.attn.c_attn.weight.mul_(1.01)
 
     ctl = GradienceController(out_dir=str(tmp_path), spectral_interval=5, risk_burn_in_steps=0,
                               guard_snapshot_interval=1000)
     with caplog.at_level(logging.INFO, logger="gradience"):
-        run_loop(make_gpt2(), gpt2_loss, ctl, steps=41, lr=1e-4, on_update=grow)
+        run_loop(make_gpt2(), gpt2_loss, ctl, steps=41, lr=1e-4, on_update=grow_attention)
     changes = [(e["previous"], e["level"]) for e in events(tmp_path, "risk_level")]
     assert changes[-1][1] == "DANGER", changes
     slope = events(tmp_path, "spectral")[-1]["slope"]
@@ -171,15 +173,10 @@ def test_reactions_warning_bursts_danger_backs_off_once_instability_rolls_back()
 
 
 def test_a_danger_reaction_backs_the_lr_off_in_a_real_loop(tmp_path, caplog):
-    def grow(step, model):
-        with torch.no_grad():
-            for block in model.transformer.h:
-                block.attn.c_attn.weight.mul_(1.01)
-
     ctl = GradienceController(out_dir=str(tmp_path), spectral_interval=5, risk_burn_in_steps=0,
                               guard_snapshot_interval=1000, risk_reactions=True)
     with caplog.at_level(logging.WARNING, logger="gradience"):
-        out = run_loop(make_gpt2(), gpt2_loss, ctl, steps=41, lr=1e-4, on_update=grow)
+        out = run_loop(make_gpt2(), gpt2_loss, ctl, steps=41, lr=1e-4, on_update=grow_attention)
     reactions = events(tmp_path, "risk_reaction")
     assert any("DANGER: snapshot and LR backoff" in e["detail"] for e in reactions)
     assert out["summary"]["guard"]["lr_scale"] == 0.5 and out["summary"]["guard"]["total_rollbacks"] == 0
