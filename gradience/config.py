@@ -75,6 +75,12 @@ class GradienceConfig:
     """κ̃: 'attention' (max over layers and heads of σ_max(W_Q,h W_K,hᵀ)/√d_h), 'hidden_sigma' (largest σ_max of
     the hidden weight matrices), or 'auto' (attention when Q/K projections are found, else hidden_sigma)."""
 
+    spectral_mapping: dict | None = None
+    """Where the attention Q/K weights are, for models the discovery does not know: ``{"q": "<glob>", "k":
+    "<glob>", "n_heads": N}`` plus optional ``n_kv_heads``, ``transposed``, ``q_rows``, ``k_rows`` and
+    ``exclude`` (globs of matrices the hidden-σ fallback skips). See gradience.spectral.find_qk; checked against
+    the model at initialize."""
+
     spectral_iters: int = 2
     """Warm-started power iterations per matrix and probe (the first probe runs 8)."""
 
@@ -87,19 +93,21 @@ class GradienceConfig:
     risk_learning_slope: float = 0.0005
     """Slope of log κ̃ per step from which the level is LEARNING (below: STABLE)."""
 
-    risk_warning_slope: float = 0.002
-    """Slope of log κ̃ per step from which the level is WARNING."""
+    risk_warning_slope: float = 0.007
+    """Slope of log κ̃ per step from which the level is WARNING (fitted by the spectral bench; the seed's 0.002
+    alarmed on every healthy run there)."""
 
-    risk_danger_slope: float = 0.004
-    """Slope of log κ̃ per step from which the level is DANGER (0.004 doubles κ̃ in about 170 steps)."""
+    risk_danger_slope: float = 0.014
+    """Slope of log κ̃ per step from which the level is DANGER (0.014 doubles κ̃ in about 50 steps)."""
 
-    risk_instability_volatility: float = 0.003
-    """Volatility (std of Δlog κ̃ per step) above which the level is INSTABILITY."""
+    risk_instability_volatility: float = 0.005
+    """Volatility (std of Δlog κ̃ per step) above which the level is INSTABILITY (fitted by the spectral bench)."""
 
     risk_reactions: bool = False
     """React to the spectral risk level: WARNING → a snapshot and a probe every step for risk_burst_steps;
     DANGER → a snapshot and one LR backoff per episode; INSTABILITY → a rollback (a halt once the budget is
-    spent). Off by default until the spectral bench has validated the bands; levels are always reported."""
+    spent). Off by default: the bands are fitted on one small model (docs/spectral-bench.md); levels are always
+    reported and logged."""
 
     risk_burst_steps: int = 50
     """Steps of every-step probing after a WARNING reaction."""
@@ -166,6 +174,7 @@ class GradienceConfig:
         if self.spectral_definition not in SPECTRAL_DEFINITIONS:
             raise ConfigError(f"spectral_definition must be one of {SPECTRAL_DEFINITIONS}, got "
                               f"{self.spectral_definition!r}")
+        _check_mapping(self.spectral_mapping)
         self.risk_bands()  # validates the risk_* fields, naming the one that is wrong
         if self.spike_action not in SPIKE_ACTIONS:
             raise ConfigError(f"spike_action must be one of {SPIKE_ACTIONS}, got {self.spike_action!r}")
@@ -302,7 +311,43 @@ def _yaml_float(value: Any) -> Any:
     return value
 
 
+_MAPPING_KEYS = {"q": str, "k": str, "n_heads": int, "n_kv_heads": int, "transposed": bool, "q_rows": list,
+                 "k_rows": list, "exclude": list}
+
+
+def _check_mapping(mapping: dict | None) -> None:
+    if mapping is None:
+        return
+    unknown = sorted(set(mapping) - set(_MAPPING_KEYS))
+    if unknown:
+        raise ConfigError(f"spectral_mapping: unknown keys {unknown}; valid: {sorted(_MAPPING_KEYS)}")
+    if "q" in mapping or "k" in mapping:
+        missing = [k for k in ("q", "k", "n_heads") if k not in mapping]
+        if missing:
+            raise ConfigError(f"spectral_mapping: a Q/K mapping needs {missing} too")
+    for key, value in mapping.items():
+        want = _MAPPING_KEYS[key]
+        ok = isinstance(value, (list, tuple)) if want is list else isinstance(value, want)
+        if isinstance(value, bool) and want is not bool:
+            ok = False
+        if not ok:
+            raise ConfigError(f"spectral_mapping[{key!r}] must be {want.__name__}, got {type(value).__name__} "
+                              f"{value!r}")
+    for key in ("n_heads", "n_kv_heads"):
+        if key in mapping and mapping[key] < 1:
+            raise ConfigError(f"spectral_mapping[{key!r}] must be >= 1, got {mapping[key]!r}")
+    for key in ("q_rows", "k_rows"):
+        rows = mapping.get(key)
+        if rows is not None and not (len(rows) == 2 and all(isinstance(r, int) and not isinstance(r, bool)
+                                                            for r in rows) and 0 <= rows[0] < rows[1]):
+            raise ConfigError(f"spectral_mapping[{key!r}] must be [start, stop) output rows, got {rows!r}")
+
+
 def _check_type(name: str, value: Any, annotation: str) -> None:
+    if annotation == "dict | None":
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping or null, got {type(value).__name__} {value!r}")
+        return
     expected = {"str": str, "bool": bool, "int": int, "float": (int, float)}[annotation]
     # bool is an int subclass: `guard_max_rollbacks: true` in YAML must not pass as 1.
     if isinstance(value, bool) and annotation != "bool":

@@ -32,18 +32,22 @@ _ABOVE_LEARNING = (RiskLevel.WARNING, RiskLevel.DANGER, RiskLevel.INSTABILITY)
 
 @dataclass(frozen=True, kw_only=True)
 class RiskBands:
-    """Bands on the slope of log κ̃ per optimizer step (0.004 ≈ κ̃ doubling every ~170 steps)."""
+    """Bands on the slope of log κ̃ per optimizer step (0.007 ≈ κ̃ doubling every ~100 steps).
+
+    The defaults are the bands the spectral bench fitted (``python -m gradience.bench spectral``; see
+    docs/spectral-bench.md): WARNING from 0.007, DANGER from twice that, INSTABILITY above a volatility of 0.005.
+    The seed design's bands (:data:`SEED_BANDS`) alarm on every healthy run of that bench."""
 
     stable_below: float = 0.0005
     """Slope below this (negative included) is STABLE."""
 
-    learning_below: float = 0.002
+    learning_below: float = 0.007
     """Slope in [stable_below, learning_below) is LEARNING."""
 
-    warning_below: float = 0.004
+    warning_below: float = 0.014
     """Slope in [learning_below, warning_below) is WARNING; at or above it, DANGER."""
 
-    instability_volatility: float = 0.003
+    instability_volatility: float = 0.005
     """Volatility (std of Δlog κ̃ per step) above this is INSTABILITY, whatever the slope (inf = never)."""
 
     window: int = DEFAULT_WINDOW
@@ -70,6 +74,7 @@ class RiskBands:
             raise ConfigError(f"window must be an int >= 3 (a slope and a spread need 3 probes), got {self.window!r}")
         if not (_is_int(self.burn_in_steps) and self.burn_in_steps >= 0):
             raise ConfigError(f"burn_in_steps must be an int >= 0, got {self.burn_in_steps!r}")
+
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -405,3 +410,8 @@ def _reject_unknown(cls: type, data: dict) -> None:
 
 def _g(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4g}"
+
+
+#: The seed design's bands (STABLE < 0.0005 ≤ LEARNING < 0.002 ≤ WARNING < 0.004 ≤ DANGER; INSTABILITY above a
+#: volatility of 0.003): the spectral bench's baseline arm.
+SEED_BANDS = RiskBands(stable_below=0.0005, learning_below=0.002, warning_below=0.004, instability_volatility=0.003)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from gradience.config import GradienceConfig
+from gradience.errors import ConfigError
 from gradience.spectral import SpectralProbe
 from gradience.telemetry import Telemetry
 from gradience.types import GuardState, Verdict
@@ -39,20 +40,28 @@ class SpectralMonitor:
         #: The newest agreed κ̃ (None before the first probe).
         self.last_kappa: float | None = None
         self._off = False
+        explicit = config.spectral_mapping is not None or config.spectral_definition == "attention"
+        try:
+            self.probe = SpectralProbe(model, mapping=config.spectral_mapping, iters=config.spectral_iters,
+                                       definition=config.spectral_definition)
+        except Exception as e:
+            if explicit:  # the user asked for this mapping/definition: say so before training starts
+                raise ConfigError(f"spectral_mapping/spectral_definition: {e}") from e
+            self._fail(e)
+
+    def _fail(self, e: Exception) -> None:
+        self._off = True
+        logger.error("Gradience: the spectral probe raised (%s: %s); it is off on this rank for the rest of the "
+                     "run", type(e).__name__, e)
 
     def measure(self) -> dict[str, Any]:
         """``{"spectral_kappa", "stable_rank"}`` for the step's report, or ``{}`` when off; never raises."""
-        if self._off:
+        if self._off or self.probe is None:
             return {}
         try:
-            if self.probe is None:
-                self.probe = SpectralProbe(self.model, iters=self.config.spectral_iters,
-                                           definition=self.config.spectral_definition)
             reading = self.probe.measure()
         except Exception as e:  # a defect of the guard: it must not cost the run a step
-            self._off = True
-            logger.error("Gradience: the spectral probe raised (%s: %s); it is off on this rank for the rest of "
-                         "the run", type(e).__name__, e)
+            self._fail(e)
             return {}
         if self.definition is None:
             self.definition = reading.definition

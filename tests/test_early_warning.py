@@ -80,7 +80,7 @@ def test_risk_level_rises_with_a_growing_kappa():
     state = GuardState()
     levels = []
     for tick in range(0, 400, 50):
-        kappa = math.exp(0.005 * tick)  # slope 0.005/step: DANGER
+        kappa = math.exp(0.02 * tick)  # slope 0.02/step: DANGER (from 0.014)
         state, _ = policy.decide(state, Verdict(phase=Phase.STEP, step=tick, tick=tick, spectral_kappa=kappa), config)
         levels.append(state.risk_level)
     assert levels[:2] == ["STABLE", "STABLE"] and levels[-1] == RiskLevel.DANGER.value
@@ -139,8 +139,10 @@ def _probe(state, tick, kappa, config):
 
 
 def test_reactions_warning_bursts_danger_backs_off_once_instability_rolls_back():
+    # The seed design's bands, so that the slopes below read as the level each part needs.
     config = GradienceConfig(risk_burn_in_steps=0, risk_reactions=True, guard_snapshot_interval=1000,
-                             risk_burst_steps=30)
+                             risk_burst_steps=30, risk_warning_slope=0.002, risk_danger_slope=0.004,
+                             risk_instability_volatility=0.003)
     # WARNING: slope 0.003/step.
     state, decisions = GuardState(committed=(0,)), []
     for tick in range(0, 200, 10):
@@ -183,3 +185,74 @@ def test_a_danger_reaction_backs_the_lr_off_in_a_real_loop(tmp_path, caplog):
     first = next(e["step"] for e in reactions if "LR backoff" in e["detail"])
     assert all(lr == pytest.approx(1e-4 * 0.5) for lr in out["lrs"][first + 1:])  # in force from the next update
     assert any("spectral DANGER" in r.getMessage() for r in caplog.records)
+
+
+class _RawAttention(torch.nn.Module):
+    """Attention whose Q/K are raw (in, out) parameters used as ``x @ W``: discovery cannot read it."""
+
+    def __init__(self, d: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.emb = torch.nn.Embedding(32, d)
+        self.Wq = torch.nn.Parameter(torch.randn(d, d) / d**0.5)
+        self.Wk = torch.nn.Parameter(torch.randn(d, d) / d**0.5)
+        self.out = torch.nn.Linear(d, 32)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.emb(ids)
+        b, t, d = x.shape
+        q = (x @ self.Wq).view(b, t, self.heads, -1).transpose(1, 2)
+        k = (x @ self.Wk).view(b, t, self.heads, -1).transpose(1, 2)
+        att = torch.softmax(q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5, dim=-1)
+        return self.out(att @ x.unsqueeze(1))
+
+
+def _raw_loss(model, step):
+    ids = torch.randint(0, 32, (4, 8), generator=torch.Generator().manual_seed(step))
+    return torch.nn.functional.cross_entropy(model(ids).mean(1).reshape(-1, 32), ids.reshape(-1))
+
+
+def test_a_configured_qk_mapping_is_what_the_guard_measures(tmp_path):
+    from gradience.spectral import SpectralProbe
+
+    torch.manual_seed(0)
+    model = _RawAttention()
+    mapping = {"q": "Wq", "k": "Wk", "n_heads": 2, "transposed": True}
+    ctl = GradienceController(out_dir=str(tmp_path), spectral_interval=5, spectral_mapping=mapping)
+    run_loop(model, _raw_loss, ctl, steps=11)
+    spec = events(tmp_path, "spectral")
+    assert {e["definition"] for e in spec} == {"attention_logit_bound"}
+    exact = SpectralProbe(model, mapping=mapping, iters=50).measure().kappa  # the final weights, converged
+    assert spec[-1]["kappa"] == pytest.approx(exact, rel=0.05)
+    # Without the mapping the same model falls back to the hidden-σ definition.
+    ctl = GradienceController(out_dir=str(tmp_path / "auto"), spectral_interval=5)
+    run_loop(_RawAttention(), _raw_loss, ctl, steps=6)
+    assert {e["definition"] for e in events(tmp_path / "auto", "spectral")} == {"max_hidden_sigma"}
+
+
+@pytest.mark.parametrize("mapping, match", [
+    ({"q": "Wq", "k": "Wk"}, r"needs \['n_heads'\]"),
+    ({"q": "Wq", "k": "Wk", "n_heads": 2, "heads": 2}, "unknown keys"),
+    ({"q": "Wq", "k": "Wk", "n_heads": "2"}, "n_heads"),
+    ({"q": "Wq", "k": "Wk", "n_heads": 2, "q_rows": [4, 2]}, "q_rows"),
+    ("Wq", "mapping or null"),
+])
+def test_a_malformed_mapping_is_a_config_error(mapping, match):
+    from gradience.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        GradienceConfig(spectral_mapping=mapping)
+
+
+def test_a_mapping_that_does_not_fit_the_model_fails_at_initialize(tmp_path):
+    from gradience.errors import ConfigError
+
+    ctl = GradienceController(out_dir=str(tmp_path), spectral_mapping={"q": "blocks.*.q", "k": "Wk", "n_heads": 2})
+    model = _RawAttention()
+    with pytest.raises(ConfigError, match="matches 0"):
+        ctl.initialize(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    # The failed initialize let go of out_dir: a corrected controller starts there.
+    ok = GradienceController(out_dir=str(tmp_path), spectral_mapping={"q": "Wq", "k": "Wk", "n_heads": 2,
+                                                                      "transposed": True})
+    ok.initialize(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    ok.finalize()

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from gradience.risk import (
     SIGNALS,
+    SEED_BANDS,
     RiskBands,
     SignalStats,
     SpikeRule,
@@ -31,7 +32,7 @@ from gradience.risk import (
 )
 from gradience.types import RiskLevel
 
-BANDS = RiskBands()
+BANDS = SEED_BANDS  # the tables below are written in the seed design's numbers
 AFTER = 1000  # a tick well past the default burn-in (500)
 GAP = 50  # the default spectral interval
 
@@ -184,19 +185,36 @@ def test_burn_in_probes_stay_out_of_the_fit_after_burn_in():
     assert reading.level is RiskLevel.STABLE and reading.probes == 4
     assert reading.slope == pytest.approx(0.0001, rel=1e-9)
     # With burn-in switched off the fit spans the change of rate, which reads as volatility.
-    assert risk_level(steep + calm, RiskBands(burn_in_steps=0), tick=650).level is RiskLevel.INSTABILITY
+    assert risk_level(steep + calm, dataclasses.replace(BANDS, burn_in_steps=0), tick=650).level is RiskLevel.INSTABILITY
 
 
 def test_burn_in_ends_at_burn_in_steps():
     history = exponential(0.006, start=500)
     assert risk_level(history, BANDS, tick=history[-1][0]).level is RiskLevel.DANGER
-    assert risk_level(history, RiskBands(burn_in_steps=history[-1][0] + 1), tick=history[-1][0]).burn_in
+    assert risk_level(history, dataclasses.replace(BANDS, burn_in_steps=history[-1][0] + 1), tick=history[-1][0]).burn_in
 
 
 def test_reading_to_dict_is_json():
     reading = risk_level(exponential(0.003), BANDS, tick=AFTER + 400)
     data = json.loads(json.dumps(reading.to_dict(), allow_nan=False))
     assert data["level"] == "WARNING" and data["probes"] == 8 and data["burn_in"] is False
+
+
+def test_shipped_bands_are_the_spectral_benchs_fit_and_the_configs_defaults():
+    from pathlib import Path
+
+    from gradience.config import GradienceConfig
+
+    fitted = json.loads((Path(__file__).parents[1] / "docs" / "spectral-bench.json").read_text())["bands"]["fitted"]
+    default = RiskBands()
+    assert default.learning_below == pytest.approx(fitted["new"]["learning_below"], rel=0.02)
+    assert default.instability_volatility == pytest.approx(fitted["new"]["instability_volatility"], rel=0.02)
+    assert default.warning_below == 2 * default.learning_below
+    assert GradienceConfig().risk_bands() == default
+    assert (SEED_BANDS.stable_below, SEED_BANDS.learning_below, SEED_BANDS.warning_below,
+            SEED_BANDS.instability_volatility) == (0.0005, 0.002, 0.004, 0.003)
+    # A slope the seed called WARNING reads LEARNING under the shipped bands.
+    assert risk_level(exponential(0.003), default, tick=AFTER + 400).level is RiskLevel.LEARNING
 
 
 @pytest.mark.parametrize("field, value", [

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from gradience.bench.spectral_arms import ARMS, FAILING, Protocol, Run, Trend, alarms, train, trend
-from gradience.risk import RiskBands
+from gradience.risk import SEED_BANDS, RiskBands
 
 DEFINITIONS = {"new": "new: log attn-logit bound", "old": "old: raw κ̃ of wte"}
 # Fit grid, log-spaced and wide enough for both statistics: the new one is a slope of log κ̃ per step (~1e-3),
@@ -57,8 +57,8 @@ def protocol_for(quick: bool, steps: int | None = None) -> Protocol:
 
 
 def seed_bands(protocol: Protocol) -> RiskBands:
-    """The seed design's bands (``RiskBands`` defaults) with the protocol's burn-in."""
-    return RiskBands(burn_in_steps=protocol.burn_in)
+    """The seed design's bands (:data:`gradience.risk.SEED_BANDS`) with the protocol's burn-in."""
+    return dataclasses.replace(SEED_BANDS, burn_in_steps=protocol.burn_in)
 
 
 def banded(base: RiskBands, warning: float, volatility: float) -> RiskBands:
