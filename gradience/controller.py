@@ -23,7 +23,8 @@ from gradience.effects import Effects
 from gradience.errors import ConfigError, SnapshotError
 from gradience.guardrails import ProbeHealth, detect_scaler, install_sigterm, refuse_inside_join, unscale, watch_join
 from gradience.lr import LRScale, unwrap_optimizer, unwrap_scheduler
-from gradience.probe import bad_tensors, probe_grads, probe_step
+from gradience.backends import PlainBackend, StateBackend
+from gradience.probe import probe_grad_tensors, probe_step
 from gradience.recovery import Recovery, Target, check_replicas
 from gradience.reports import Reports
 from gradience.rundir import RunLock, lock_everywhere, snapshot_root
@@ -56,6 +57,8 @@ class GradienceController(Reports, Effects):
         self.state = GuardState()
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        #: What this rank owns and how it is checked, captured and restored (see gradience.backends).
+        self.backend: StateBackend | None = None
         self.scheduler: Any | None = None
         self.lr: LRScale | None = None
         self.store: SnapshotStore | None = None
@@ -96,6 +99,7 @@ class GradienceController(Reports, Effects):
         scheduler: Any | None = None,
         start_step: int = -1,
         resume: bool | str = False,
+        backend: StateBackend | None = None,
     ) -> None:
         """Attach to a model and take the initial snapshot (collective).
 
@@ -112,6 +116,9 @@ class GradienceController(Reports, Effects):
         (None when there was none and the run started fresh, which telemetry and the log say). The world
         size must match the snapshot's. ``resume=True`` only appends to the telemetry files (the Trainer
         callback uses it when the Trainer resumes from its own checkpoint).
+
+        ``backend=`` (integrations pass it, e.g. gradience.integrations.deepspeed): what this rank owns when it
+        is not ``model`` + ``optimizer`` whole; the optimizer is then the one the LR scale hooks into.
         """
         if self.telemetry is not None:
             raise RuntimeError("GradienceController.initialize() was already called; use a new controller")
@@ -132,6 +139,10 @@ class GradienceController(Reports, Effects):
         if guard and save_fn is not None and self.config.guard_snapshot_tier == "memory":
             raise ConfigError("guard_snapshot_tier='memory' stores tensors; use optimizer= instead of save_fn")
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.backend = backend if backend is not None else PlainBackend(model, optimizer)
+        if self.config.fingerprint_interval and not self.backend.replicated:
+            raise ConfigError("fingerprint_interval needs every rank to hold the same state; this run's ranks "
+                              "hold different partitions (set it to 0)")
         if self.comm is None:
             self.comm = default_comm(self._group, timeout_s=self.config.collective_timeout_s)
         comm = self.comm
@@ -158,15 +169,17 @@ class GradienceController(Reports, Effects):
             self.lr.set(self.state.lr_scale)  # a guard state loaded before initialize carries its scale
         install_sigterm(self)
         watch_join()
-        if self.config.spectral_enabled:
-            self._spectral = SpectralMonitor(model, self.config, self.telemetry)
+        if self.config.spectral_enabled and self.backend.spectral_model is None:
+            logger.info("Gradience: no spectral probe for this run's sharded weights yet; κ̃ is off")
+        elif self.config.spectral_enabled:
+            self._spectral = SpectralMonitor(self.backend.spectral_model, self.config, self.telemetry)
         if not guard:
             return
         if self.config.fingerprint_interval:
             self._collective(None, check_replicas, self.comm, self.model)
         root = snapshot_root(out, list(self.global_ranks), world_size=_world_size() or comm.world_size)
         self.store = SnapshotStore(root, comm, tier=self.config.guard_snapshot_tier, global_rank=self.global_rank)
-        target = Target(model, optimizer, save_fn, load_fn, get_lr, set_lr, self.lr, scheduler)
+        target = Target(self.backend, optimizer, save_fn, load_fn, get_lr, set_lr, self.lr, scheduler)
         self.recovery = Recovery(self.store, comm, self.telemetry, self.config, target)
         if resume == "latest" and self._resume_latest():
             return
@@ -202,12 +215,13 @@ class GradienceController(Reports, Effects):
             return True
         step = self._next_step() if step is None else step
         optimizer = unwrap_optimizer(optimizer) or self.optimizer
-        params = _params_of(optimizer, model or self.model)
+        own = optimizer is self.optimizer and model in (None, self.model)
+        source = self.backend if own else PlainBackend(model or self.model, optimizer)
         scaler = scaler if scaler is not None else self._detected_scaler()
 
         def probe() -> ProbeReport:
             overflow = unscale(scaler, optimizer)
-            report = probe_grads(params, step=step, threshold=self.config.guard_violation_threshold)
+            report = probe_grad_tensors(source.gate_tensors(), step=step, threshold=self.config.guard_violation_threshold)
             if loss is not None:
                 report = dataclasses.replace(report, loss=_scalar_loss(loss))
             if overflow:  # inf/NaN explained by the loss scale: the scaler skips this step and lowers it
@@ -225,8 +239,7 @@ class GradienceController(Reports, Effects):
         if decision.action is Action.CONTINUE and not verdict.scaler_overflow:
             return True
         bad = self._bad(report, grads=True) if decision.reason is not None else None  # before the grads go
-        for p in params:
-            p.grad = None
+        source.close_gate()
         self._skipped_this_step = True
         if decision.action is Action.CONTINUE:
             self.scaler_skips += 1
@@ -247,7 +260,7 @@ class GradienceController(Reports, Effects):
         if self.halted:
             return False
         refuse_inside_join()
-        model = model or self.model
+        tensors = self.backend.check_tensors() if model in (None, self.model) else None
         tick = self._tick0 + self.steps_seen
         self.steps_seen += 1
         self.last_step = step
@@ -260,7 +273,7 @@ class GradienceController(Reports, Effects):
             report = ProbeReport(phase=Phase.STEP, step=step, update_skipped=skipped)
         else:
             report = self._probe(Phase.STEP, step, lambda: probe_step(
-                loss, model, step=step, threshold=self.config.guard_violation_threshold,
+                loss, model, tensors=tensors, step=step, threshold=self.config.guard_violation_threshold,
                 update_skipped=skipped, with_fingerprint=fingerprint))
         self.last_loss = report.loss
         if self._spectral is not None and policy.spectral_due(tick, self.config, self.state):
@@ -342,9 +355,9 @@ class GradienceController(Reports, Effects):
         return 0 if self.last_step is None else self.last_step + 1
 
     def _bad(self, report: ProbeReport | None, *, grads: bool) -> dict[str, Any] | None:
-        if self.model is None or (report is not None and not report.faulty):
+        if self.backend is None or (report is not None and not report.faulty):
             return None
-        return bad_tensors(self.model, threshold=self.config.guard_violation_threshold, grads=grads)
+        return self.backend.bad(self.config.guard_violation_threshold, grads=grads)
 
     def _require_initialized(self) -> None:
         if self.telemetry is None:
@@ -363,10 +376,3 @@ def _scalar_loss(loss: torch.Tensor | float) -> float:
         return float(loss.detach().float().mean())
     return float(loss)
 
-
-def _params_of(optimizer: torch.optim.Optimizer | None, model: torch.nn.Module | None) -> list[torch.nn.Parameter]:
-    if optimizer is not None:
-        return [p for g in optimizer.param_groups for p in g["params"]]
-    if model is not None:
-        return list(model.parameters())
-    raise ValueError("before_optimizer_step needs a model or an optimizer")

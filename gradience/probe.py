@@ -181,8 +181,13 @@ def grad_tensors(params: Iterable[torch.nn.Parameter]) -> list[torch.Tensor]:
 
 
 def probe_grads(params: Iterable[torch.nn.Parameter], *, step: int, threshold: float) -> ProbeReport:
-    """Check gradients before the optimizer step (one host sync unless a norm exceeds ``threshold``)."""
-    grads = grad_tensors(params)
+    """Check the parameters' gradients before the optimizer step (one host sync unless a norm exceeds
+    ``threshold``)."""
+    return probe_grad_tensors(grad_tensors(params), step=step, threshold=threshold)
+
+
+def probe_grad_tensors(grads: Sequence[torch.Tensor], *, step: int, threshold: float) -> ProbeReport:
+    """:func:`probe_grads` over gradient tensors themselves (a sharded backend's partitions)."""
     value = float(norm_max(grads))
     nonfinite, violation = screen(grads, value, threshold)
     return ProbeReport(
@@ -214,8 +219,9 @@ def _loss_stats(loss: torch.Tensor | float, device: torch.device) -> tuple[torch
 
 def probe_step(
     loss: torch.Tensor | float | None,
-    model: torch.nn.Module,
+    model: torch.nn.Module | None,
     *,
+    tensors: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
     step: int,
     threshold: float,
     update_skipped: bool = False,
@@ -225,10 +231,9 @@ def probe_step(
     of them (and the fingerprint) unless a parameter norm exceeds ``threshold``.
 
     Parameters: NaN/Inf and magnitude. Buffers: NaN only (a -inf attention mask or a large running variance
-    is legitimate).
+    is legitimate). ``tensors`` = (weights, buffers) replaces the model's (a sharded backend's partitions).
     """
-    params = parameters(model)
-    buffers = persistent_buffers(model)
+    params, buffers = tensors if tensors is not None else (parameters(model), persistent_buffers(model))
     device = params[0].device if params else (buffers[0].device if buffers else torch.device("cpu"))
     stats = _loss_stats(loss, device) if loss is not None else None
     zero = torch.zeros((), dtype=torch.float64, device=device)
@@ -320,11 +325,16 @@ def bad_tensors(model: torch.nn.Module, *, threshold: float, grads: bool = False
     probes' (integers skipped, complex by magnitude). At most ``limit`` names are listed, parameters first;
     ``more`` counts the offenders left out.
     """
-    found: BadTensors = {"params": [], "buffers": [], "more": 0, "skipped": []}
     named = ((n, p.grad if grads else p) for n, p in model.named_parameters())
-    _scan(named, "params", found, threshold=threshold, nan_only=False, limit=limit)
-    if not grads:
-        _scan(named_persistent_buffers(model), "buffers", found, threshold=threshold, nan_only=True, limit=limit)
+    return bad_named(named, () if grads else named_persistent_buffers(model), threshold=threshold, limit=limit)
+
+
+def bad_named(params: Iterable[tuple[str, torch.Tensor | None]], buffers: Iterable[tuple[str, torch.Tensor]], *,
+              threshold: float, limit: int = 5) -> BadTensors:
+    """:func:`bad_tensors` over (name, tensor) pairs: ``params`` by NaN/Inf and magnitude, ``buffers`` by NaN."""
+    found: BadTensors = {"params": [], "buffers": [], "more": 0, "skipped": []}
+    _scan(params, "params", found, threshold=threshold, nan_only=False, limit=limit)
+    _scan(buffers, "buffers", found, threshold=threshold, nan_only=True, limit=limit)
     return found
 
 

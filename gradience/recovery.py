@@ -22,15 +22,15 @@ from gradience.errors import ConfigError, SnapshotError
 from gradience.lr import LRScale
 from gradience.probe import fingerprint_tensor, parameters
 from gradience.snapshot import SnapshotStore, agree_all
-from gradience.state import capture_state, restore_state
+from gradience.backends import StateBackend
 from gradience.telemetry import Telemetry
 
 
 @dataclass
 class Target:
-    """What a rank restores into: its model, and optionally optimizer and user checkpoint hooks."""
+    """What a rank restores into: its state backend, and optionally optimizer and user checkpoint hooks."""
 
-    model: torch.nn.Module
+    backend: StateBackend
     optimizer: torch.optim.Optimizer | None = None
     save_fn: Callable[[str], None] | None = None
     load_fn: Callable[[str], None] | None = None
@@ -64,7 +64,7 @@ class Recovery:
             # A background write reads the copy while training goes on: it must not alias live tensors.
             copy = self.config.guard_snapshot_tier == "memory" or background
             self.store.begin(sid, step=label, meta=meta, extra=extra, background=background,
-                             capture=lambda: capture_state(t.model, t.optimizer, copy=copy))
+                             capture=lambda: t.backend.capture(copy=copy))
 
     @property
     def pending(self) -> int | None:
@@ -120,7 +120,7 @@ class Recovery:
         if t.load_fn is not None:
             t.load_fn(str(prepared.path))
         else:
-            restore_state(prepared.tensors, prepared.meta, t.model, optimizer)
+            t.backend.restore(prepared.tensors, prepared.meta)
         if optimizer is not None:
             for group, value in zip(optimizer.param_groups, lrs, strict=True):
                 group["lr"] = value
@@ -137,7 +137,7 @@ class Recovery:
         if t.load_fn is not None:
             t.load_fn(str(prepared.path))
         else:
-            restore_state(prepared.tensors, prepared.meta, t.model, t.optimizer)
+            t.backend.restore(prepared.tensors, prepared.meta)
         saved = prepared.meta.get("scheduler")
         if t.scheduler is not None and saved is not None:
             t.scheduler.load_state_dict(saved)
@@ -150,7 +150,7 @@ class Recovery:
     def repair_replicas(self) -> None:
         """*Collective.* Make every replica bitwise equal to group rank 0's restored state (after a
         divergence: each rank restored its own shard, and rank 0's is the agreed one)."""
-        self.comm.broadcast_(state_tensors(self.target.model, self.target.optimizer), src=0)
+        self.comm.broadcast_(self.target.backend.replica_tensors(), src=0)
 
 
 def state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:

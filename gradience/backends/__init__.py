@@ -1,0 +1,113 @@
+"""State backends: what one rank owns, how the guard checks it, captures it into a snapshot shard, puts it back
+and where the LR scale is applied. The controller, policy, consensus and snapshot store talk to this seam only.
+
+* :class:`PlainBackend`: a torch module and optimizer held whole by the rank (one process, DDP replicas).
+* :class:`gradience.backends.deepspeed.DeepSpeedBackend`: a DeepSpeed engine, ZeRO 0-3 (each rank's
+  partitions; nothing is gathered).
+
+A backend never talks to other ranks except inside :meth:`StateBackend.restore` where the engine needs it
+(ZeRO-3 re-gathers its persistent parameters), and every rank restores together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import torch
+
+from gradience.probe import BadTensors, grad_tensors, parameters, persistent_buffers
+from gradience.state import capture_state, restore_state
+
+__all__ = ["PlainBackend", "StateBackend"]
+
+
+class StateBackend(Protocol):
+    """What the controller needs from the state a rank owns."""
+
+    #: Every rank holds the same full state (fingerprints and replica repair make sense).
+    replicated: bool
+    #: Model the spectral probe reads (None: no spectral probe for this backend).
+    spectral_model: torch.nn.Module | None
+
+    def gate_tensors(self) -> list[torch.Tensor]:
+        """This rank's gradients, as the update will consume them, for the gradient gate."""
+
+    def close_gate(self) -> None:
+        """Make the coming optimizer update a no-op, leaving weights and optimizer state bitwise unchanged."""
+
+    def check_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(weights, persistent buffers) this rank holds, checked after the update."""
+
+    def bad(self, threshold: float, *, grads: bool) -> BadTensors:
+        """Name the offending tensors (faults only; slow is fine)."""
+
+    def capture(self, *, copy: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """This rank's state as CPU tensors plus JSON-able metadata (a snapshot shard)."""
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Put a captured shard back in place (every rank calls it together)."""
+
+    def replica_tensors(self) -> list[torch.Tensor]:
+        """Every tensor of a replicated state, in an order equal on all replicas (replica repair)."""
+
+
+class PlainBackend:
+    """A module and optimizer held whole by this rank (one process or a DDP replica)."""
+
+    replicated = True
+
+    def __init__(self, model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None) -> None:
+        self.model, self.optimizer = model, optimizer
+        self.spectral_model: torch.nn.Module | None = model
+
+    def gate_tensors(self) -> list[torch.Tensor]:
+        return grad_tensors(self._params())
+
+    def close_gate(self) -> None:
+        # Dropped gradients make even an unconditional optimizer.step() a no-op for these parameters.
+        for p in self._params():
+            p.grad = None
+
+    def check_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return parameters(self.model), persistent_buffers(self.model)
+
+    def bad(self, threshold: float, *, grads: bool) -> BadTensors:
+        from gradience.probe import bad_tensors
+
+        return bad_tensors(self.model, threshold=threshold, grads=grads)
+
+    def capture(self, *, copy: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return capture_state(self.model, self.optimizer, copy=copy)
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        restore_state(tensors, meta, self.model, self.optimizer)
+
+    def replica_tensors(self) -> list[torch.Tensor]:
+        from gradience.recovery import state_tensors
+
+        return state_tensors(self.model, self.optimizer)
+
+    def _params(self) -> list[torch.nn.Parameter]:
+        if self.optimizer is not None:
+            return [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.model is None:
+            raise ValueError("before_optimizer_step needs a model or an optimizer")
+        return list(self.model.parameters())
+
+
+def unique(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(first name -> tensor, alias name -> first name) with each (storage, offset, shape, dtype) kept once:
+    safetensors refuses shared memory, and a restore into one alias restores all."""
+    out: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, t in named:
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        out[name] = t
+    return out, aliases
+
