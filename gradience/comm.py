@@ -114,10 +114,13 @@ class TorchComm:
         self.owned = False
         if own_group and _registered(group):
             backend = str(dist.get_backend(group))
-            # Only the members call new_group (use_local_synchronization): a subgroup's peers in other groups
-            # never enter this constructor.
+            # A subgroup: only its members call new_group (use_local_synchronization), since peers in other
+            # groups never enter this constructor. Such groups are named by a hash of their ranks, so a second
+            # guard over the same ranks in one process would reuse the first one's rendezvous keys (seen to
+            # hang): a whole-world group is created by every rank instead and gets a fresh, counted name.
+            local = len(self.global_ranks) < dist.get_world_size()
             group = dist.new_group(list(self.global_ranks), timeout=datetime.timedelta(seconds=self.timeout_s),
-                                   backend=backend, use_local_synchronization=True)
+                                   backend=backend, use_local_synchronization=local)
             self.owned = True
         self.group = group
         self.rank = group.rank()

@@ -9,3 +9,12 @@ os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now (for a launcher's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import torch
 
 from gradience import CollectiveMismatch, ConsensusTimeout, GradienceController
 from gradience.comm import TorchComm
+from tests.conftest import free_port
 from tests.loops import make_mlp, mlp_loss
 from tests.threaded import free_groups, make_groups, run_ranks
 
@@ -25,14 +25,8 @@ WORKER = Path(__file__).with_name("fault_worker.py")
 ROOT = WORKER.parents[1]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(scenario: str, out: Path, world: int = 2, **env: str) -> list[subprocess.Popen]:
-    port = _port()
+    port = free_port()
     procs = []
     for rank in range(world):
         e = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),

@@ -1,0 +1,91 @@
+"""DeepSpeed ZeRO 0-3 under the Gradience hook: real engines, 2 gloo ranks under torchrun (CPU accelerator), one
+launch for every stage and dtype (tests/ds_worker.py), so DeepSpeed's start-up is paid once.
+
+The first DeepSpeed start on a machine compiles a shared-memory comm op (~2 min on 2 cores); launch/test.sh
+keeps it in .cache/torch_extensions so later runs reuse it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+deepspeed = pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed (pip install -e .[deepspeed])")
+
+from gradience.errors import ConfigError  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ("0", "1", "2", "3", "1:bf16", "3:bf16")
+
+
+def ds_env() -> dict[str, str]:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
+           "MASTER_ADDR": "127.0.0.1", "PYTHONPATH": str(ROOT)}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+    return env
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("ds")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(ROOT / "tests" / "ds_worker.py"),
+           str(out), ",".join(RUNS)]
+    proc = subprocess.run(cmd, env=ds_env(), capture_output=True, text=True, timeout=600)
+    results = []
+    for r in (0, 1):
+        path = out / f"result_rank{r}.json"
+        assert path.exists(), f"rank {r} wrote no result (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
+        results.append(json.loads(path.read_text()))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for res in results:
+        assert "error" not in res, res["error"]
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", RUNS)
+def test_zero_stage_skips_and_rolls_back_collectively(ranks, run):
+    seen = [res["stages"][run if ":" in run else f"{run}:fp32"] for res in ranks]
+    for rank, s in enumerate(seen):
+        # A NaN gradient on rank 0 and a finite 1e12 one on rank 1: both ranks skip both, state bitwise unchanged.
+        assert s["skips"][:2] == [[3, "NONFINITE_GRADS", [0]], [5, "VIOLATION_THRESHOLD", [1]]], (rank, s["skips"])
+        assert s["skip_unchanged"] == [True, True] and s["skip_compared"] > 0
+        assert any(k.endswith("exp_avg_sq") for k in s["skip_optimizer_state"])
+        # A NaN in rank 1's fp32 master partition after step 8: every rank rolls back at step 9, to one snapshot.
+        assert s["rollbacks"] == [[9, seen[0]["rollbacks"][0][1], 0.5]], (rank, s["rollbacks"])
+        assert s["rollback_at"] == 9 and s["rollback_equal"] is True and s["rollback_compared"] > 0
+        # Nothing leaks past the rollback (ZeRO-3's gathered copies). At ZeRO-0 the NaN weight is in the module
+        # itself, so step 9's gradients are NaN too and that update is skipped before the rollback.
+        assert [x[0] for x in s["skips"][2:]] == ([9] if run == "0" else []), s["skips"]
+        # Every loss is finite but, at ZeRO-0, step 9's (computed with the NaN weight itself).
+        assert all(math.isfinite(v) for i, v in enumerate(s["losses"]) if not (run == "0" and i == 9)), s["losses"]
+        assert math.isfinite(s["losses"][-1]) and s["summary"]["integrity_status"] == "RECOVERED"
+        # The backoff is in engine.get_lr() on every rank and survives the scheduler's later steps.
+        for in_force, scheduled in s["lrs"][10:]:
+            assert in_force == pytest.approx(0.5 * scheduled, rel=1e-12)
+        for in_force, scheduled in s["lrs"][:9]:
+            assert in_force == pytest.approx(scheduled, rel=1e-12)
+
+
+@pytest.mark.slow
+def test_zero3_snapshot_per_rank_is_half_of_zero0(ranks):
+    for res in ranks:
+        zero0, zero3 = res["stages"]["0:fp32"]["snapshot_bytes"], res["stages"]["3:fp32"]["snapshot_bytes"]
+        assert 0.45 < zero3 / zero0 < 0.55, (zero0, zero3)
+
+
+def test_guard_refuses_what_is_not_an_engine(tmp_path):
+    import torch
+
+    from gradience.integrations.deepspeed import guard
+
+    with pytest.raises(ConfigError, match="needs a DeepSpeedEngine"):
+        guard(torch.nn.Linear(2, 2), out_dir=str(tmp_path))
