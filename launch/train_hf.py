@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--logging_steps", type=int, default=10, help="Trainer log every N steps")
     add("--resume", nargs="?", const="latest", default=None,
         help="resume from a checkpoint directory, or (no value) from the newest one in --output_dir")
+    add("--deepspeed", default=None,
+        help="DeepSpeed config JSON (launch/ds_zero{1,2,3}.json); on CPU run under torchrun with DS_ACCELERATOR=cpu")
     add("--inject-nan-step", type=int, default=None,
         help=f"write NaN into {INJECT_PARAM}[0] right after the optimizer update of this step")
     add("--inject-grad-nan-step", type=int, default=None,
@@ -176,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         warmup_steps=a.warmup_steps, lr_scheduler_type="linear", logging_steps=a.logging_steps,
         save_strategy="steps" if a.save_steps else "no", save_steps=a.save_steps or 500, seed=a.seed,
         bf16=a.bf16, use_cpu=use_cpu, report_to=[], disable_tqdm=True, dataloader_num_workers=0,
+        deepspeed=a.deepspeed,
     )
     expected = a.expect_world_size or int(os.environ.get("WORLD_SIZE", "1"))
     check_world_size(expected, args.world_size)

@@ -67,15 +67,27 @@ def test_headline_import_seed_parameters_and_checkpoint_args(tmp_path):
     assert type(cb)(**exported["args"]).config == cb.config
 
 
-@pytest.mark.parametrize("field,value", [("deepspeed", "ds_config.json"), ("fsdp", "full_shard")])
-def test_unsupported_engines_are_refused_by_name(tmp_path, field, value):
+def test_fsdp_is_refused_by_name(tmp_path):
     from types import SimpleNamespace
 
     from transformers import TrainerControl, TrainerState
 
-    args = SimpleNamespace(**{"deepspeed": None, "fsdp": "", field: value})
-    with pytest.raises(ConfigError, match="DeepSpeed" if field == "deepspeed" else "FSDP"):
+    args = SimpleNamespace(deepspeed=None, fsdp="full_shard")
+    with pytest.raises(ConfigError, match="FSDP"):
         GradienceCallback(out_dir=str(tmp_path)).on_train_begin(args, TrainerState(), TrainerControl())
+
+
+def test_deepspeed_without_an_engine_around_the_model_is_a_config_error(tmp_path):
+    pytest.importorskip("deepspeed")
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    model = torch.nn.Linear(2, 2)
+    args = SimpleNamespace(deepspeed="launch/ds_zero2.json", fsdp="")
+    with pytest.raises(ConfigError, match="no DeepSpeedEngine wraps"):
+        GradienceCallback(out_dir=str(tmp_path)).on_train_begin(
+            args, TrainerState(), TrainerControl(), model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
 
 
 def test_missing_transformers_gives_install_hint(monkeypatch):

@@ -35,23 +35,27 @@ from gradience.errors import ConfigError, GuardHalted
 
 logger = logging.getLogger("gradience")
 
-__all__ = ["DeepSpeedGuard", "guard"]
+__all__ = ["DeepSpeedGuard", "find_engine", "guard"]
 
 
 def guard(engine: Any, config: GradienceConfig | str | None = None, *, on_halt: str = "raise",
-          **fields: Any) -> DeepSpeedGuard:
+          resume: bool | str = False, **fields: Any) -> DeepSpeedGuard:
     """Attach Gradience to ``engine`` (every rank calls it, after ``deepspeed.initialize``); takes the initial
     snapshot. ``config``: a :class:`GradienceConfig`, a YAML path or packaged config name, or None (defaults);
     ``fields`` override single fields. ``on_halt``: "raise" (``engine.step()`` raises GuardHalted) or "stop"
-    (``guard.halted`` turns True and later steps update nothing)."""
-    return DeepSpeedGuard(engine, config, on_halt=on_halt, **fields)
+    (``guard.halted`` turns True and later steps update nothing). ``resume="latest"``: continue from the newest
+    committed Gradience snapshot in ``out_dir`` (see ``GradienceController.initialize``)."""
+    return DeepSpeedGuard(engine, config, on_halt=on_halt, resume=resume, **fields)
 
 
 class DeepSpeedGuard:
-    """The hooks on one engine; see :func:`guard`."""
+    """The hooks on one engine; see :func:`guard`. ``controller``: a controller to initialize instead of a new
+    one (the Trainer callback's); ``step_base``: added to ``engine.global_steps`` to label steps (the Trainer
+    counts from 1)."""
 
     def __init__(self, engine: Any, config: GradienceConfig | str | None = None, *, on_halt: str = "raise",
-                 **fields: Any) -> None:
+                 controller: GradienceController | None = None, start_step: int = -1, resume: bool | str = False,
+                 step_base: int = 0, **fields: Any) -> None:
         if on_halt not in ("raise", "stop"):
             raise ConfigError(f"on_halt must be 'raise' or 'stop', got {on_halt!r}")
         if not all(hasattr(engine, a) for a in ("zero_optimization_stage", "basic_optimizer", "backward", "step")):
@@ -60,15 +64,16 @@ class DeepSpeedGuard:
         _check_data_parallel(engine)
         if isinstance(config, str):
             config = GradienceConfig.from_yaml(config)
-        self.engine, self.on_halt = engine, on_halt
-        self.controller = GradienceController(config, **fields)
+        self.engine, self.on_halt, self.step_base = engine, on_halt, step_base
+        self.controller = controller if controller is not None else GradienceController(config, **fields)
         self.backend = DeepSpeedBackend(engine)
         self._loss_sum: torch.Tensor | None = None
         self._micro = 0
         self._summary: dict[str, Any] | None = None
         try:
             self.controller.initialize(engine.module, optimizer=engine.basic_optimizer,
-                                       scheduler=getattr(engine, "lr_scheduler", None), backend=self.backend)
+                                       scheduler=getattr(engine, "lr_scheduler", None), backend=self.backend,
+                                       start_step=start_step, resume=resume)
         except BaseException:
             self.backend.detach()
             raise
@@ -98,7 +103,7 @@ class DeepSpeedGuard:
                 self._halt()
         if not self.engine.is_gradient_accumulation_boundary():
             return self._step(*args, **kwargs)
-        label = int(self.engine.global_steps)
+        label = int(self.engine.global_steps) + self.step_base
         loss = self._loss_sum / self._micro if self._loss_sum is not None else None
         self._loss_sum, self._micro = None, 0
         self.controller.before_optimizer_step(step=label, loss=loss)
@@ -124,11 +129,31 @@ class DeepSpeedGuard:
                               f"after {guard.get('total_rollbacks')} rollback(s); see "
                               f"{self.controller.telemetry.summary_path}")
 
+    def detach(self) -> None:
+        """Take the hooks off the engine (its own backward, step and get_lr come back)."""
+        for name in ("backward", "step", "get_lr"):
+            self.engine.__dict__.pop(name, None)
+        self.backend.detach()
+
     def finalize(self) -> dict[str, Any]:
         """Write ``summary.json`` and release the guard's resources (the hooks stay, inert after a halt)."""
         if self._summary is None:
             self._summary = self.controller.finalize()
         return self._summary
+
+
+def find_engine(module: torch.nn.Module) -> Any | None:
+    """The DeepSpeedEngine wrapping ``module``, or None: for callers handed only the module, such as Trainer
+    callbacks. One scan of the GC's objects (once per run)."""
+    import gc
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    for obj in gc.get_objects():
+        # type(), not isinstance(): the latter reads __class__, which lazy module proxies answer with warnings.
+        if issubclass(type(obj), DeepSpeedEngine) and obj.module is module:
+            return obj
+    return None
 
 
 def _check_data_parallel(engine: Any) -> None:

@@ -40,7 +40,9 @@ again on resume (the optimizer and scheduler hold the unscaled schedule). With
 the checkpoint, with the checkpoint's config (out_dir included); ``trainer.callback_handler.callbacks`` holds
 the live one.
 
-Not supported: DeepSpeed and FSDP (the controller snapshots a full per-rank model and optimizer). With fp16,
+DeepSpeed (``TrainingArguments(deepspeed=...)``, ZeRO 0-3): the callback hooks the Trainer's engine
+(:mod:`gradience.integrations.deepspeed`), which gates each ``engine.step()`` on the rank's gradient partition
+and snapshots what each rank owns; the Trainer events above then only report. Not supported: FSDP. With fp16,
 the gate unscales the gradients through accelerate's GradScaler, and an overflow the scaler skips by design is
 counted as ``scaler_skipped_steps``, not as a fault.
 """
@@ -106,6 +108,7 @@ class GradienceCallback(TrainerCallback, ExportableState):
         self._losses: list[torch.Tensor] = []
         self._loss_normalized = False
         self._metrics = _Metrics(self)
+        self._ds: Any | None = None  # the DeepSpeed engine hook, under TrainingArguments(deepspeed=...)
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> GradienceCallback:
@@ -146,12 +149,18 @@ class GradienceCallback(TrainerCallback, ExportableState):
         controller = GradienceController(self.config)
         if saved is not None:
             controller.load_state_dict(saved)
-        controller.initialize(model, optimizer=optimizer, scheduler=kwargs.get("lr_scheduler"),
-                              start_step=state.global_step, resume=resuming)
+        self._detach_engine()
+        if getattr(args, "deepspeed", None):
+            self._ds = _guard_engine(model, controller, state.global_step, resuming)
+        else:
+            controller.initialize(model, optimizer=optimizer, scheduler=kwargs.get("lr_scheduler"),
+                                  start_step=state.global_step, resume=resuming)
         self.controller, self.summary, self._resume_state = controller, None, None
         self._remove_hook()
         self._losses.clear()
         self._metrics.install(self)
+        if self._ds is not None:
+            return  # the engine hook gates each engine.step() and notes the loss engine.backward gets
         # A forward hook sees every micro-batch's loss as the model returns it; callbacks are not given it.
         self._hook = model.register_forward_hook(self._record_loss, with_kwargs=True)
 
@@ -163,7 +172,7 @@ class GradienceCallback(TrainerCallback, ExportableState):
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                               **kwargs: Any) -> None:
         """Gradient gate (collective). Runs after clipping; the step number is the one on_step_end will report."""
-        if self.controller is None:
+        if self.controller is None or self._ds is not None:
             return
         optimizer = kwargs.get("optimizer")
         # fp16: accelerate's optimizer wrapper owns the GradScaler; the gate unscales through it.
@@ -175,6 +184,10 @@ class GradienceCallback(TrainerCallback, ExportableState):
                     **kwargs: Any) -> TrainerControl:
         """Check loss and weights after the update and act (collective); stop training on a halt."""
         if self.controller is None:
+            return control
+        if self._ds is not None:  # checked inside engine.step() already
+            if self.halted:
+                _stop(control)
             return control
         loss = self._step_loss(args)
         if not self.controller.step(state.global_step, loss, kwargs.get("model")):
@@ -192,6 +205,7 @@ class GradienceCallback(TrainerCallback, ExportableState):
                      **kwargs: Any) -> None:
         """Write ``summary.json`` and the final telemetry; raise GuardHalted after a halt (``on_halt="raise"``)."""
         self._remove_hook()
+        self._detach_engine()
         if self.controller is not None and self.controller.telemetry is not None and self.summary is None:
             self.summary = self.controller.finalize()
         if self.halted and self.on_halt == "raise":
@@ -242,6 +256,11 @@ class GradienceCallback(TrainerCallback, ExportableState):
         if not isinstance(entry, Mapping):
             return None
         return (entry.get("attributes") or {}).get(_STATE_KEY)
+
+    def _detach_engine(self) -> None:
+        if self._ds is not None:
+            self._ds.detach()
+            self._ds = None
 
     def _remove_hook(self) -> None:
         if self._hook is not None:
@@ -305,10 +324,19 @@ def _stop(control: TrainerControl) -> None:
     control.should_save = False
 
 
+def _guard_engine(model: torch.nn.Module, controller: GradienceController, start_step: int, resuming: bool) -> Any:
+    """Hook the Trainer's DeepSpeed engine: accelerate calls engine.backward and engine.step in its backward."""
+    from gradience.integrations.deepspeed import DeepSpeedGuard, find_engine
+
+    engine = find_engine(model)
+    if engine is None:
+        raise ConfigError("GradienceCallback: TrainingArguments.deepspeed is set but no DeepSpeedEngine wraps the "
+                          "Trainer's model at on_train_begin")
+    return DeepSpeedGuard(engine, controller=controller, on_halt="stop", start_step=start_step, resume=resuming,
+                          step_base=1)
+
+
 def _check_supported(args: TrainingArguments) -> None:
-    if getattr(args, "deepspeed", None):
-        raise ConfigError("GradienceCallback does not support DeepSpeed: the engine owns the optimizer step "
-                          "and shards its state; run without --deepspeed or guard the loop directly")
     if getattr(args, "fsdp", None):
         raise ConfigError("GradienceCallback does not support FSDP: snapshots hold a full per-rank model and "
                           "optimizer; use DDP or guard the loop directly")
