@@ -23,7 +23,7 @@ from gradience.effects import Effects
 from gradience.errors import ConfigError, SnapshotError
 from gradience.guardrails import ProbeHealth, detect_scaler, install_sigterm, refuse_inside_join, unscale, watch_join
 from gradience.lr import LRScale, unwrap_optimizer, unwrap_scheduler
-from gradience.backends import PlainBackend, StateBackend
+from gradience.backends import PlainBackend, StateBackend, default_backend
 from gradience.probe import probe_grad_tensors, probe_step
 from gradience.recovery import Recovery, Target, check_replicas
 from gradience.reports import Reports
@@ -139,7 +139,7 @@ class GradienceController(Reports, Effects):
         if guard and save_fn is not None and self.config.guard_snapshot_tier == "memory":
             raise ConfigError("guard_snapshot_tier='memory' stores tensors; use optimizer= instead of save_fn")
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.backend = backend if backend is not None else PlainBackend(model, optimizer)
+        self.backend = backend if backend is not None else default_backend(model, optimizer)
         if self.config.fingerprint_interval and not self.backend.replicated:
             raise ConfigError("fingerprint_interval needs every rank to hold the same state; this run's ranks "
                               "hold different partitions (set it to 0)")

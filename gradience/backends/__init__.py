@@ -4,6 +4,8 @@ and where the LR scale is applied. The controller, policy, consensus and snapsho
 * :class:`PlainBackend`: a torch module and optimizer held whole by the rank (one process, DDP replicas).
 * :class:`gradience.backends.deepspeed.DeepSpeedBackend`: a DeepSpeed engine, ZeRO 0-3 (each rank's
   partitions; nothing is gathered).
+* :class:`gradience.backends.fsdp.FSDP2Backend`: a ``fully_shard`` model (each rank's local shards), chosen by
+  :func:`default_backend` when the parameters are DTensors.
 
 A backend never talks to other ranks except inside :meth:`StateBackend.restore` where the engine needs it
 (ZeRO-3 re-gathers its persistent parameters), and every rank restores together.
@@ -19,7 +21,7 @@ import torch
 from gradience.probe import BadTensors, grad_tensors, parameters, persistent_buffers
 from gradience.state import capture_state, restore_state
 
-__all__ = ["PlainBackend", "StateBackend"]
+__all__ = ["PlainBackend", "StateBackend", "copy_into", "default_backend", "to_cpu", "unique"]
 
 
 class StateBackend(Protocol):
@@ -111,3 +113,27 @@ def unique(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[dict[str, torch.T
         out[name] = t
     return out, aliases
 
+
+def to_cpu(t: torch.Tensor, copy: bool) -> torch.Tensor:
+    """``t`` detached on the CPU, copied when ``copy`` (a background write must not alias live memory)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        return t.to("cpu")
+    return t.clone() if copy else t
+
+
+def copy_into(live: torch.Tensor, saved: torch.Tensor, name: str) -> None:
+    """Restore ``saved`` into ``live`` in place, refusing a shape or dtype that does not match."""
+    if tuple(live.shape) != tuple(saved.shape) or live.dtype != saved.dtype:
+        raise ValueError(f"snapshot tensor {name}: {tuple(saved.shape)} {saved.dtype}, the rank holds "
+                         f"{tuple(live.shape)} {live.dtype}")
+    live.copy_(saved)
+
+
+def default_backend(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> StateBackend:
+    """FSDP2 when the model's parameters are DTensors, else the whole model and optimizer."""
+    from gradience.backends.fsdp import FSDP2Backend, is_sharded
+
+    if is_sharded(model):
+        return FSDP2Backend(model, optimizer)
+    return PlainBackend(model, optimizer)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from gradience.backends import unique
+from gradience.backends import copy_into, to_cpu, unique
 from gradience.errors import ConfigError
 from gradience.probe import BadTensors, bad_named, named_persistent_buffers
 
@@ -126,12 +126,12 @@ class DeepSpeedBackend:
 
     def capture(self, *, copy: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         live, aliases = unique(self._named_state())
-        tensors = {n: _to_cpu(t, copy) for n, t in live.items()}
+        tensors = {n: to_cpu(t, copy) for n, t in live.items()}
         scalars: dict[str, dict[str, Any]] = {}
         for i, master in enumerate(self._masters()):
             for key, value in self.base.state.get(master, {}).items():
                 if isinstance(value, torch.Tensor):
-                    tensors[f"optim.{i}.{key}"] = _to_cpu(value, copy)
+                    tensors[f"optim.{i}.{key}"] = to_cpu(value, copy)
                 else:
                     scalars.setdefault(str(i), {})[key] = value
         meta = {"backend": "deepspeed", "zero_stage": self.stage, "aliases": aliases, "optimizer_scalars": scalars,
@@ -148,7 +148,7 @@ class DeepSpeedBackend:
             raise ValueError(f"snapshot lacks {missing[:5]} of this engine's state")
         with torch.no_grad():
             for name, t in live.items():
-                _copy_into(t, tensors[name], name)
+                copy_into(t, tensors[name], name)
             scalars = meta.get("optimizer_scalars", {})
             relink = False
             for i, master in enumerate(self._masters()):
@@ -164,7 +164,7 @@ class DeepSpeedBackend:
                 for key, value in saved.items():
                     if isinstance(value, torch.Tensor):
                         if isinstance(state.get(key), torch.Tensor):
-                            _copy_into(state[key], value, f"optim.{i}.{key}")
+                            copy_into(state[key], value, f"optim.{i}.{key}")
                         else:
                             state[key] = value.to(master.device, copy=True)
                     else:
@@ -192,16 +192,3 @@ class DeepSpeedBackend:
 
         return state_tensors(self.module, self.base)
 
-
-def _to_cpu(t: torch.Tensor, copy: bool) -> torch.Tensor:
-    t = t.detach()
-    if t.device.type != "cpu":
-        return t.to("cpu")
-    return t.clone() if copy else t
-
-
-def _copy_into(live: torch.Tensor, saved: torch.Tensor, name: str) -> None:
-    if tuple(live.shape) != tuple(saved.shape) or live.dtype != saved.dtype:
-        raise ValueError(f"snapshot tensor {name}: {tuple(saved.shape)} {saved.dtype}, the engine holds "
-                         f"{tuple(live.shape)} {live.dtype}")
-    live.copy_(saved)
