@@ -162,7 +162,7 @@ class GradienceController(Reports, Effects):
                                    log_all_ranks=self.config.log_all_ranks, summary_writer=comm.rank == 0,
                                    sinks=make_sinks(self.config.tensorboard, out, leader=comm.rank == 0))
         self.telemetry.emit("start", world_size=comm.world_size, global_ranks=list(self.global_ranks),
-                            config=self.config.to_dict())
+                            backend=type(self.backend).__name__, config=self.config.to_dict())
         self._tick0 = start_step + 1
         if optimizer is not None and get_lr is None:
             self.lr = LRScale(optimizer)

@@ -67,13 +67,13 @@ def test_headline_import_seed_parameters_and_checkpoint_args(tmp_path):
     assert type(cb)(**exported["args"]).config == cb.config
 
 
-def test_fsdp_is_refused_by_name(tmp_path):
+def test_fsdp1_is_refused_by_name(tmp_path):
     from types import SimpleNamespace
 
     from transformers import TrainerControl, TrainerState
 
-    args = SimpleNamespace(deepspeed=None, fsdp="full_shard")
-    with pytest.raises(ConfigError, match="FSDP"):
+    args = SimpleNamespace(deepspeed=None, fsdp="full_shard", fsdp_config={"version": 1})
+    with pytest.raises(ConfigError, match="FSDP2 only"):
         GradienceCallback(out_dir=str(tmp_path)).on_train_begin(args, TrainerState(), TrainerControl())
 
 

@@ -337,6 +337,16 @@ def _guard_engine(model: torch.nn.Module, controller: GradienceController, start
 
 
 def _check_supported(args: TrainingArguments) -> None:
-    if getattr(args, "fsdp", None):
-        raise ConfigError("GradienceCallback does not support FSDP: snapshots hold a full per-rank model and "
-                          "optimizer; use DDP or guard the loop directly")
+    if getattr(args, "fsdp", None) and _fsdp_version(args) != 2:
+        raise ConfigError("GradienceCallback supports FSDP2 only (fsdp_config={'version': 2}): FSDP1's flat "
+                          "parameters have no per-rank shards Gradience can map; use FSDP2, DDP or DeepSpeed")
+
+
+def _fsdp_version(args: TrainingArguments) -> int:
+    import transformers
+
+    cfg = getattr(args, "fsdp_config", None) or {}
+    version = cfg.get("version", cfg.get("fsdp_version"))
+    if version is None:  # transformers 5 defaults to FSDP2, 4.x to FSDP1
+        version = 2 if int(transformers.__version__.split(".")[0]) >= 5 else 1
+    return int(version)
