@@ -38,7 +38,7 @@ logger = logging.getLogger("gradience")
 _FAILED = False
 
 #: Call kinds in the header (codes > 0; 0 would be indistinguishable from padding).
-KINDS = ("check:grads", "check:step", "agree", "digests", "broadcast", "verify", "lock")
+KINDS = ("check:grads", "check:step", "agree", "digests", "broadcast", "verify", "lock", "spectral")
 _HDR = 6  # (kind, -kind, step, -step, seq, -seq)
 
 
@@ -70,6 +70,10 @@ class LocalComm:
 
     def broadcast_(self, tensors: list[torch.Tensor], src: int = 0) -> None:
         """Nothing to do with one rank."""
+
+    def all_reduce_sum(self, values: torch.Tensor, *, kind: str = "spectral") -> torch.Tensor:
+        """Identity."""
+        return values
 
     def close(self) -> None:
         """Nothing to release."""
@@ -157,6 +161,19 @@ class TorchComm:
         if inline:
             return out[_HDR:_HDR + n].to("cpu")
         return self._reduce(values.clone(), kind).to("cpu")
+
+    def all_reduce_sum(self, values: torch.Tensor, *, kind: str = "spectral") -> torch.Tensor:
+        """SUM all-reduce of a small tensor (the sharded spectral probe's partial products), same deadline and
+        refusal rules, no frame: the framed calls around it catch ranks out of step. Returns a new tensor on
+        ``values``' device and dtype."""
+        import torch.distributed as dist
+
+        self._refuse_if_broken()
+        buf = values.detach().to(self.device, copy=True).contiguous()
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.SUM
+        self._run(kind, lambda: self.group.allreduce([buf], opts))
+        return buf.to(values.device)
 
     def broadcast_(self, tensors: list[torch.Tensor], src: int = 0) -> None:
         """Overwrite dense ``tensors`` on every rank with ``src``'s, bitwise (in place; one framed size check,

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from gradience import policy
+from gradience.backends import PlainBackend, StateBackend, default_backend
 from gradience.comm import Comm, default_comm
 from gradience.config import GradienceConfig
 from gradience.consensus import agree
@@ -23,7 +24,6 @@ from gradience.effects import Effects
 from gradience.errors import ConfigError, SnapshotError
 from gradience.guardrails import ProbeHealth, detect_scaler, install_sigterm, refuse_inside_join, unscale, watch_join
 from gradience.lr import LRScale, unwrap_optimizer, unwrap_scheduler
-from gradience.backends import PlainBackend, StateBackend, default_backend
 from gradience.probe import probe_grad_tensors, probe_step
 from gradience.recovery import Recovery, Target, check_replicas
 from gradience.reports import Reports
@@ -172,7 +172,8 @@ class GradienceController(Reports, Effects):
         if self.config.spectral_enabled and self.backend.spectral_model is None:
             logger.info("Gradience: no spectral probe for this run's sharded weights yet; κ̃ is off")
         elif self.config.spectral_enabled:
-            self._spectral = SpectralMonitor(self.backend.spectral_model, self.config, self.telemetry)
+            self._spectral = SpectralMonitor(self.backend.spectral_model, self.config, self.telemetry,
+                                             reduce=self._spectral_reduce())
         if not guard:
             return
         if self.config.fingerprint_interval:
@@ -342,6 +343,16 @@ class GradienceController(Reports, Effects):
 
     def _agree(self, report: ProbeReport) -> Verdict:
         return self._collective(report.step, agree, report, self.comm)
+
+    def _spectral_reduce(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """A SUM over the ranks holding the shards, for a sharded spectral probe (None when nothing is sharded)."""
+        copies = getattr(self.backend, "spectral_replicas", 0)
+        if not copies:
+            return None
+        if getattr(self.backend, "mesh_size", None) != self.comm.world_size:
+            logger.warning("Gradience: the model's device mesh is not the guard's group; no spectral probe")
+            return None
+        return lambda t: self.comm.all_reduce_sum(t) / copies
 
     def _detected_scaler(self) -> Any | None:
         if not self._scaler_searched and self.optimizer is not None:

@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 
+from gradience.backends import StateBackend
 from gradience.comm import Comm
 from gradience.config import GradienceConfig
 from gradience.errors import ConfigError, SnapshotError
 from gradience.lr import LRScale
 from gradience.probe import fingerprint_tensor, parameters
 from gradience.snapshot import SnapshotStore, agree_all
-from gradience.backends import StateBackend
 from gradience.telemetry import Telemetry
 
 

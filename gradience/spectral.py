@@ -26,9 +26,7 @@ float32 (float64 for float64 weights); bf16/fp16 weights are upcast one matrix a
 
 from __future__ import annotations
 
-import fnmatch
 import math
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,33 +34,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradience.spectral_find import (  # noqa: F401 - part of this module's API
+    _COMPUTE,
+    QKPair,
+    _owner_param,
+    _sharded,
+    find_qk,
+    hidden_matrices,
+    strip_name,
+)
+
 Getter = Callable[[], torch.Tensor]
 
 DEFINITIONS = ("auto", "attention", "hidden_sigma")
 # Iterations for a vector's first call, from random: random vectors are far from the top singular vector.
 COLD_ITERS = 8
-_COMPUTE = {torch.float32: torch.float32, torch.bfloat16: torch.float32, torch.float16: torch.float32,
-            torch.float64: torch.float64}
-_READOUTS = frozenset(("lm_head", "embed_out", "decoder", "classifier", "score", "output_projection"))
-_HEADS = ("num_heads", "n_head", "n_heads", "num_attention_heads", "heads")
-_HEAD_DIM = ("head_dim", "attention_head_size", "head_size", "key_value_proj_dim", "d_head")
-# Child names of separate query / key projections (Llama/Mistral/OPT, BERT, T5, DistilBERT, diffusers, custom).
-_QK_CHILDREN = (("q_proj", "k_proj"), ("query", "key"), ("q", "k"), ("q_lin", "k_lin"), ("wq", "wk"), ("to_q", "to_k"))
-# Wrappers that prefix names: DDP / DataParallel ("module.") and torch.compile ("_orig_mod.").
-_PREFIXES = ("module.", "_orig_mod.")
-_MAX_DEPTH = 16
-
-
-@dataclass(frozen=True)
-class QKPair:
-    """One attention layer's query and key weights, as per-head views (no copies)."""
-
-    name: str  #: the attention module's name, wrapper prefixes stripped
-    q: Getter  #: -> W_Q as (n_heads, head_dim, d_q), read from the live parameter at each call
-    k: Getter  #: -> W_K as (n_kv_heads, head_dim, d_k); query head h reads kv head h // (n_heads // n_kv_heads)
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,223 +97,6 @@ def power_iteration(matvec: Callable[[torch.Tensor], torch.Tensor], rmatvec: Cal
     return norm.squeeze(-1).sqrt(), torch.where(ok, v, start)
 
 
-def strip_name(name: str) -> str:
-    """``name`` without the prefixes DDP/DataParallel (``module.``) and torch.compile (``_orig_mod.``) add."""
-    name = name.replace("._orig_mod.", ".")  # a compiled submodule
-    changed = True
-    while changed:
-        changed = False
-        for p in _PREFIXES:
-            if name.startswith(p):
-                name, changed = name[len(p):], True
-    return name
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DDP / DataParallel / torch.compile wrappers (``model`` itself when it is not wrapped)."""
-    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    for _ in range(_MAX_DEPTH):
-        inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            inner = model.module if isinstance(model, wrappers) else None
-        if inner is None:
-            return model
-        model = inner
-    raise ValueError(f"more than {_MAX_DEPTH} nested wrappers around {type(model).__name__}")
-
-
-def _probeable(t: Any) -> bool:
-    """A real, local, non-empty float matrix: meta, empty, integer/float8 and DTensor shards are skipped
-    (a DTensor op would run collectives behind our back; sharded weights go through ``reduce``)."""
-    return (isinstance(t, torch.Tensor) and t.ndim == 2 and t.dtype in _COMPUTE and not t.is_meta
-            and t.numel() > 0 and not hasattr(t, "device_mesh"))
-
-
-def _int_attr(module: nn.Module, names: tuple[str, ...]) -> int | None:
-    """The first positive int among ``module.<name>`` then ``module.config.<name>``."""
-    for obj in (module, getattr(module, "config", None)):
-        for n in names:
-            val = getattr(obj, n, None) if obj is not None else None
-            if isinstance(val, int) and not isinstance(val, bool) and val > 0:
-                return val
-    return None
-
-
-def _heads(owner: nn.Module, q_rows: int, k_rows: int, n_heads: int | None = None) -> tuple[int, int, int] | None:
-    """(n_heads, n_kv_heads, head_dim) from the attention module's attributes or config, checked against the
-    weights; the kv head count is read off the key rows, which is how grouped-query attention shows."""
-    head_dim = None if n_heads is not None else _int_attr(owner, _HEAD_DIM)
-    if head_dim is None:
-        n_heads = n_heads or _int_attr(owner, _HEADS)
-        if n_heads is None or q_rows % n_heads:
-            return None
-        head_dim = q_rows // n_heads
-    if not k_rows or q_rows % head_dim or k_rows % head_dim:
-        return None
-    n, n_kv = q_rows // head_dim, k_rows // head_dim
-    return (n, n_kv, head_dim) if n % n_kv == 0 else None
-
-
-def _view(owner: nn.Module, attr: str, rows: tuple[int, int], transposed: bool, head_dim: int) -> Getter:
-    """A getter of rows [start, stop) of ``owner.<attr>`` (in (out, in) orientation) as (heads, head_dim, in)."""
-    start, stop = rows
-
-    def get() -> torch.Tensor:
-        w = getattr(owner, attr).detach()
-        return (w.t() if transposed else w)[start:stop].unflatten(0, (-1, head_dim))
-
-    return get
-
-
-def _pair(name: str, q: tuple[nn.Module, str, tuple[int, int] | None], k: tuple[nn.Module, str, tuple[int, int] | None],
-          transposed: bool, owner: nn.Module, skipped: list[str], n_heads: int | None = None) -> QKPair | None:
-    """A :class:`QKPair` from (module, attribute, row range or None for all rows) of Q and K, or None (and a
-    reason in ``skipped``) when the weights cannot be probed or the heads do not divide them."""
-    wq, wk = getattr(q[0], q[1], None), getattr(k[0], k[1], None)
-    if not (_probeable(wq) and _probeable(wk)):
-        skipped.append(f"{name}: Q/K weights are not local float matrices (meta, empty, sharded or quantized)")
-        return None
-    dim = 1 if transposed else 0
-    q_rows = q[2] or (0, wq.shape[dim])
-    k_rows = k[2] or (0, wk.shape[dim])
-    heads = _heads(owner, q_rows[1] - q_rows[0], k_rows[1] - k_rows[0], n_heads)
-    if heads is None:
-        skipped.append(f"{name}: cannot tell the number of heads")
-        return None
-    n, n_kv, hd = heads
-    return QKPair(name, _view(q[0], q[1], q_rows, transposed, hd), _view(k[0], k[1], k_rows, transposed, hd),
-                  n, n_kv, hd)
-
-
-def _has_weight(m: Any) -> bool:
-    return isinstance(m, nn.Module) and isinstance(getattr(m, "weight", None), torch.Tensor)
-
-
-def _is_conv1d(m: Any) -> bool:
-    """transformers' ``Conv1D`` (GPT-2): a linear layer whose weight is (in, out), used as ``x @ W``."""
-    return _has_weight(m) and type(m).__name__ == "Conv1D"
-
-
-def _auto(model: nn.Module, skipped: list[str]) -> list[QKPair]:
-    pairs = []
-    for raw, m in model.named_modules():
-        name = strip_name(raw)
-        found = None
-        if isinstance(m, nn.MultiheadAttention):
-            e = m.embed_dim
-            if m.in_proj_weight is not None:  # fused (3E, E): rows q | k | v
-                found = _pair(name, (m, "in_proj_weight", (0, e)), (m, "in_proj_weight", (e, 2 * e)), False, m,
-                              skipped)
-            else:  # kdim != embed_dim: separate q (E, E) and k (E, kdim)
-                found = _pair(name, (m, "q_proj_weight", None), (m, "k_proj_weight", None), False, m, skipped)
-        elif _is_conv1d(getattr(m, "c_attn", None)):  # GPT-2: (d, 3d) columns q | k | v, or (d, 2d) k | v + q_attn
-            c = m.c_attn
-            nf = c.weight.shape[1]
-            if getattr(m, "is_cross_attention", False) and _is_conv1d(getattr(m, "q_attn", None)):
-                found = _pair(name, (m.q_attn, "weight", None), (c, "weight", (0, nf // 2)), True, m, skipped)
-            elif nf % 3 == 0:
-                d = nf // 3
-                found = _pair(name, (c, "weight", (0, d)), (c, "weight", (d, 2 * d)), True, m, skipped)
-        elif isinstance(getattr(m, "qkv", None), nn.Linear) and m.qkv.out_features % 3 == 0:
-            d = m.qkv.out_features // 3  # timm ViT: rows q | k | v, each (heads, head_dim)
-            found = _pair(name, (m.qkv, "weight", (0, d)), (m.qkv, "weight", (d, 2 * d)), False, m, skipped)
-        else:
-            for qa, ka in _QK_CHILDREN:
-                qm, km = getattr(m, qa, None), getattr(m, ka, None)
-                if _has_weight(qm) and _has_weight(km):
-                    found = _pair(name, (qm, "weight", None), (km, "weight", None), _is_conv1d(qm), m, skipped)
-                    break
-        if found is not None:
-            pairs.append(found)
-    return pairs
-
-
-def _matches(pattern: str, name: str) -> bool:
-    """Mapping patterns: a glob (``fnmatch``, case-sensitive), or with a ``re:`` prefix a full-match regex."""
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
-    return fnmatch.fnmatchcase(name, pattern)
-
-
-def _mapped(model: nn.Module, mapping: Mapping[str, Any], skipped: list[str]) -> list[QKPair]:
-    params = [(strip_name(n), n) for n, _ in model.named_parameters()]
-    qs = [(s, n) for s, n in params if _matches(mapping["q"], s)]
-    ks = [(s, n) for s, n in params if _matches(mapping["k"], s)]
-    if not qs or len(qs) != len(ks):
-        raise ValueError(f"mapping: q pattern {mapping['q']!r} matches {len(qs)} weights, k pattern "
-                         f"{mapping['k']!r} matches {len(ks)}; they must match the same number (>= 1)")
-    if not isinstance(mapping.get("n_heads"), int) or mapping["n_heads"] < 1:
-        raise ValueError(f"mapping: 'n_heads' must be a positive int, got {mapping.get('n_heads')!r}")
-    n_heads = mapping["n_heads"]
-    transposed = bool(mapping.get("transposed", False))
-    q_rows, k_rows = mapping.get("q_rows"), mapping.get("k_rows")
-    pairs = []
-    for (qs_name, qn), (_, kn) in zip(qs, ks, strict=True):
-        q_owner, _, q_attr = qn.rpartition(".")
-        k_owner, _, k_attr = kn.rpartition(".")
-        qm, km = model.get_submodule(q_owner), model.get_submodule(k_owner)
-        found = _pair(qs_name.rpartition(".")[0] or qs_name, (qm, q_attr, tuple(q_rows) if q_rows else None),
-                      (km, k_attr, tuple(k_rows) if k_rows else None), transposed, qm, skipped, n_heads)
-        if found is None:
-            raise ValueError(f"mapping: {skipped[-1]}")
-        if "n_kv_heads" in mapping and found.n_kv_heads != int(mapping["n_kv_heads"]):
-            raise ValueError(f"mapping: {qs_name}: n_kv_heads={mapping['n_kv_heads']} but the key weight has "
-                             f"{found.n_kv_heads} heads of dim {found.head_dim}")
-        pairs.append(found)
-    return pairs
-
-
-def find_qk(model: nn.Module, mapping: Mapping[str, Any] | None = None,
-            skipped: list[str] | None = None) -> list[QKPair]:
-    """The query/key weights of every attention layer of ``model`` (DDP/compile wrappers seen through).
-
-    Found by shape: ``nn.MultiheadAttention`` (fused ``in_proj_weight``, or ``q_proj_weight``/``k_proj_weight``),
-    GPT-2's fused ``c_attn`` Conv1D, timm's fused ``qkv`` Linear (rows q | k | v), and any module with child
-    projections named ``q_proj``/``k_proj``, ``query``/``key``, ``q``/``k``, ``q_lin``/``k_lin``, ``wq``/``wk``
-    or ``to_q``/``to_k``, heads read from the module or its ``config`` (``num_heads``, ``n_head``,
-    ``num_attention_heads``, ``heads``; ``head_dim``, ``attention_head_size``). Fused layouts other than
-    q | k | v blocks (GPT-NeoX's per-head interleaved ``query_key_value``) need a mapping.
-
-    ``mapping`` replaces discovery when it has a ``"q"`` key::
-
-        {"q": "layers.*.attn.wq.weight", "k": "layers.*.attn.wk.weight", "n_heads": 8}
-
-    ``q``/``k``: patterns of parameter names (glob, or ``"re:<regex>"``), matched against wrapper-free names;
-    the i-th match of ``q`` pairs with the i-th of ``k`` in ``named_parameters`` order. ``n_heads``: query
-    heads. Optional: ``n_kv_heads`` (checked; the count is read off the key rows), ``transposed`` (True for
-    weights stored (in, out) and used as ``x @ W``), ``q_rows``/``k_rows`` ((start, stop) output rows of a
-    fused projection; q and k may then name the same weight). A mapping that matches nothing raises ValueError.
-    Layers that cannot be probed are left out, with a reason appended to ``skipped`` when it is given.
-    """
-    skipped = [] if skipped is None else skipped
-    model = _unwrap(model)
-    if mapping is not None and "q" in mapping:
-        return _mapped(model, mapping, skipped)
-    return _auto(model, skipped)
-
-
-def hidden_matrices(model: nn.Module, exclude: tuple[str, ...] = ()) -> list[tuple[str, Getter]]:
-    """(wrapper-free name, getter) of the hidden 2-D weights: embeddings, weights tied to them, readouts and
-    names matching a glob of ``exclude`` left out (see the module docstring for the rule)."""
-    model = _unwrap(model)
-    embeddings = [m.weight for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
-    emb_ids = {id(w) for w in embeddings}
-    emb_ptrs = {w.data_ptr() for w in embeddings if _probeable(w)}
-    out, seen = [], set()
-    for mod_name, mod in model.named_modules():
-        if mod_name.rpartition(".")[2] in _READOUTS:
-            continue
-        for attr, p in mod.named_parameters(recurse=False):
-            name = strip_name(f"{mod_name}.{attr}" if mod_name else attr)
-            if id(p) in seen or not _probeable(p) or id(p) in emb_ids or p.data_ptr() in emb_ptrs:
-                continue
-            if any(fnmatch.fnmatchcase(name, g) for g in exclude):
-                continue
-            seen.add(id(p))
-            out.append((name, lambda mod=mod, attr=attr: getattr(mod, attr).detach()))
-    return out
-
-
 def _qk_products(q: torch.Tensor, k: torch.Tensor) -> tuple[Getter, Getter]:
     """matvec / rmatvec of A = W_Q,hᵀ W_K,h for all heads at once, q: (kv, group, hd, d_q), k: (kv, hd, d_k),
     vectors (kv, group, d). Forming A would cost hd·d_q·d_k flops and d_q·d_k memory per head (d_model² each);
@@ -354,21 +123,32 @@ class SpectralProbe:
     ``stable_rank=False`` the stable-rank channel is not computed (reads NaN): with attention found, most of the
     cost goes, since the hidden matrices are then not iterated at all.
     Layers that could not be probed are listed, with the reason, in :attr:`skipped`.
+
+    Sharded (DTensor) weights need ``reduce``, a SUM all-reduce over the ranks holding the shards (every rank
+    calls :meth:`measure` together); each rank then multiplies by its own block only and all ranks read the same
+    κ̃ (:mod:`gradience.spectral_sharded`). Without ``reduce`` they are skipped.
     """
 
     def __init__(self, model: nn.Module, *, mapping: Mapping[str, Any] | None = None, iters: int = 2,
-                 definition: str = "auto", stable_rank: bool = True, cold_iters: int = COLD_ITERS) -> None:
+                 definition: str = "auto", stable_rank: bool = True, cold_iters: int = COLD_ITERS,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         if definition not in DEFINITIONS:
             raise ValueError(f"definition must be one of {DEFINITIONS}, got {definition!r}")
         if iters < 1 or cold_iters < 1:
             raise ValueError(f"iters and cold_iters must be >= 1, got {iters}, {cold_iters}")
         self.iters, self.cold_iters = iters, cold_iters
         self.skipped: list[str] = []
+        self.reduce = reduce
         self.pairs = [] if definition == "hidden_sigma" else find_qk(model, mapping, self.skipped)
+        if reduce is None:
+            self.skipped += [f"{p.name}: sharded weights and no reduce" for p in self.pairs if p.sharded]
+            self.pairs = [p for p in self.pairs if not p.sharded]
         if definition == "attention" and not self.pairs:
             raise ValueError("definition='attention' but no attention Q/K weights were found; pass a mapping")
         exclude = tuple(mapping.get("exclude", ())) if mapping is not None else ()
         self.hidden = hidden_matrices(model, exclude) if stable_rank or not self.pairs else []
+        if reduce is None:
+            self.hidden = [(n, g) for n, g in self.hidden if not _sharded(_owner_param(model, n))]
         self.stable_rank = stable_rank
         self.definition = ("attention_logit_bound" if self.pairs else "max_hidden_sigma" if self.hidden
                            else "none")
@@ -396,6 +176,9 @@ class SpectralProbe:
         heads, sigmas, fros, ranks = [], [], [], []
         for i, pair in enumerate(self.pairs):
             q, k = pair.q(), pair.k()
+            if pair.sharded:
+                heads.append(self._sharded_pair(i, pair, q, k, iters))
+                continue
             dt = _COMPUTE[q.dtype]
             # Query head j*G + g reads kv head j (as transformers' repeat_kv): group the query heads by kv head.
             q = q.to(dt).unflatten(0, (pair.n_kv_heads, -1))
@@ -405,6 +188,12 @@ class SpectralProbe:
             heads.append(sigma.amax())  # amax keeps NaN
         for j, (_, get) in enumerate(self.hidden):
             w = get()
+            if not isinstance(w, torch.Tensor):  # a sharded block
+                sigma, fro = self._sharded_matrix(j, w, iters)
+                sigmas.append(sigma)
+                fros.append(fro)
+                ranks.append(min(w.rows, w.cols))
+                continue
             w = w.to(_COMPUTE[w.dtype])
             v, n = self._start(self._v_hidden, j, (w.shape[1],), w, iters)
             sigma, self._v_hidden[j] = power_iteration(w.__matmul__, w.__rmatmul__, v, n)
@@ -426,6 +215,26 @@ class SpectralProbe:
         conc, conc_where = _max([n for n, _ in self.hidden], concs)
         return SpectralReading(kappa=kappa, stable_rank=conc, definition=self.definition, where=where,
                                stable_rank_where=conc_where, layers=dict(zip(names, kappas, strict=True)))
+
+
+    def _sharded_pair(self, i: int, pair: QKPair, q: Any, k: Any, iters: int) -> torch.Tensor:
+        from gradience.spectral_sharded import qk_products
+
+        dt = _COMPUTE[q.t.dtype]
+        shape = (pair.n_kv_heads, pair.n_heads // pair.n_kv_heads, k.cols)
+        v, n = self._start(self._v_attn, i, shape, q.t.to(dt), iters)
+        prods = qk_products(q, k, pair.n_heads, pair.n_kv_heads, pair.head_dim, self.reduce, dt)
+        sigma, self._v_attn[i] = power_iteration(*prods, v, n)
+        return sigma.amax()
+
+    def _sharded_matrix(self, j: int, b: Any, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from gradience.spectral_sharded import matrix_products
+
+        dt = _COMPUTE[b.t.dtype]
+        matvec, rmatvec, fro = matrix_products(b, self.reduce, dt)
+        v, n = self._start(self._v_hidden, j, (b.cols,), b.t.to(dt), iters)
+        sigma, self._v_hidden[j] = power_iteration(matvec, rmatvec, v, n)
+        return sigma, fro
 
 
 def _host(values: list[torch.Tensor]) -> list[float]:

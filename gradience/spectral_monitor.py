@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,7 +33,8 @@ class SpectralMonitor:
     """Builds the probe on first use and measures/reports κ̃ for one controller; a probe that raises is
     reported once and switched off on this rank (the others' κ̃ still reaches everyone through the MAX)."""
 
-    def __init__(self, model: torch.nn.Module, config: GradienceConfig, telemetry: Telemetry) -> None:
+    def __init__(self, model: torch.nn.Module, config: GradienceConfig, telemetry: Telemetry, *,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.model, self.config, self.telemetry = model, config, telemetry
         self.probe: SpectralProbe | None = None
         self.definition: str | None = None
@@ -43,7 +45,7 @@ class SpectralMonitor:
         explicit = config.spectral_mapping is not None or config.spectral_definition == "attention"
         try:
             self.probe = SpectralProbe(model, mapping=config.spectral_mapping, iters=config.spectral_iters,
-                                       definition=config.spectral_definition)
+                                       definition=config.spectral_definition, reduce=reduce)
         except Exception as e:
             if explicit:  # the user asked for this mapping/definition: say so before training starts
                 raise ConfigError(f"spectral_mapping/spectral_definition: {e}") from e

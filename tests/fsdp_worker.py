@@ -13,7 +13,6 @@ same model's per-rank snapshot under DDP and checks that a half-sharded model is
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -34,13 +33,13 @@ def events(out: Path, rank: int, kind: str) -> list[dict]:
     return [e for e in map(json.loads, (out / name).read_text().splitlines()) if e["event"] == kind]
 
 
-def shard(model: torch.nn.Module, mesh_shape: tuple[int, ...]) -> torch.nn.Module:
+def shard(model: torch.nn.Module, mesh_shape: tuple[int, ...], blocks: str = "h") -> torch.nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     names = ("replicate", "shard")[-len(mesh_shape):]
     mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
-    for block in model.transformer.h:
+    for block in getattr(getattr(model, "transformer", None) or model.model, blocks):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
@@ -56,7 +55,7 @@ def run_fsdp(out: Path, rank: int, world: int, mesh_shape: tuple[int, ...]) -> d
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.05 * s))
     ctl = GradienceController(out_dir=str(out), guard_snapshot_interval=4, telemetry_interval=1,
-                              collective_timeout_s=60)
+                              collective_timeout_s=60, spectral_interval=5)
     ctl.initialize(model, optimizer=opt, scheduler=sched)
     backend = ctl.backend
     res: dict = {"backend": type(backend).__name__, "losses": [], "lrs": []}
@@ -94,8 +93,46 @@ def run_fsdp(out: Path, rank: int, world: int, mesh_shape: tuple[int, ...]) -> d
     res["local_numel"] = sum(t.numel() for t in backend.check_tensors()[0])
     res["skips"] = [(e["step"], e["reason"], e["faulty_global_ranks"]) for e in events(out, rank, "skip_step")]
     res["rollbacks"] = [(e["step"], e["to_snapshot"], e["lr_scale"]) for e in events(out, rank, "rollback_success")]
+    res["spectral"] = [(e["step"], e["kappa"], e["stable_rank"], e["definition"]) for e in events(out, rank, "spectral")]
     res["summary"] = ctl.finalize()["guard"]
+    res["kappa_sharded"], res["kappa_full"] = sharded_vs_full(model, make_gpt2, mesh_shape)
+    # Llama-style separate q_proj / k_proj Linear weights (row shards) with grouped-query attention.
+    res["llama_sharded"], res["llama_full"] = sharded_vs_full(shard(make_llama(), mesh_shape, "layers"), make_llama,
+                                                              mesh_shape)
     return res
+
+
+def make_llama() -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    return LlamaForCausalLM(cfg)
+
+
+def sharded_vs_full(model: torch.nn.Module, build, mesh_shape: tuple[int, ...]) -> tuple[list[float], list[float]]:
+    """(κ̃, stable-rank concentration, κ̃ of the hidden-σ definition) of the sharded model, each rank multiplying
+    by its own shards, and of an unsharded copy of the same weights (gathered here, for the test only)."""
+    from gradience.spectral import SpectralProbe
+
+    copies = mesh_shape[0] if len(mesh_shape) > 1 else 1
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t / copies
+
+    full = build()
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), full.parameters(), strict=True):
+            q.copy_(p.full_tensor())
+    out = []
+    for m, r in ((model, reduce), (full, None)):
+        a = SpectralProbe(m, iters=60, reduce=r).measure()
+        h = SpectralProbe(m, iters=60, reduce=r, definition="hidden_sigma").measure()
+        out.append([a.kappa, a.stable_rank, h.kappa, a.definition, len(a.layers)])
+    return out[0], out[1]
 
 
 def run_ddp(out: Path) -> int:

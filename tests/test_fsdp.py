@@ -58,3 +58,12 @@ def test_fully_shard_skips_and_rolls_back_every_rank_bitwise(tmp_path, nproc, me
         assert 0.45 < s["snapshot_bytes"] / res["ddp_snapshot_bytes"] < 0.55, (s["snapshot_bytes"],
                                                                                res["ddp_snapshot_bytes"])
         assert "plain tensors beside DTensor ones" in res["refused"] and "transformer.wte.weight" in res["refused"]
+        # κ̃ from each rank's own shards: in telemetry, the same on every rank (the attention bound, no fallback).
+        assert s["spectral"] == ranks[0]["fsdp"]["spectral"] and [x[0] for x in s["spectral"]] == [0, 5, 10, 15]
+        assert {x[3] for x in s["spectral"]} == {"attention_logit_bound"} and all(x[1] > 0 for x in s["spectral"])
+        # ... and equal to the unsharded value of the same weights: GPT-2's Conv1D (column shards of the logical
+        # W_Q, W_K) and Llama's q_proj / k_proj with grouped-query heads (row shards); κ̃, the stable-rank
+        # concentration and the hidden-σ definition.
+        for sharded, full in ((s["kappa_sharded"], s["kappa_full"]), (s["llama_sharded"], s["llama_full"])):
+            assert sharded[3:] == full[3:] == ["attention_logit_bound", 2]
+            assert sharded[:3] == pytest.approx(full[:3], rel=1e-5)

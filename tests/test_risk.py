@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gradience.risk import (
-    SIGNALS,
     SEED_BANDS,
+    SIGNALS,
     RiskBands,
     SignalStats,
     SpikeRule,

@@ -40,8 +40,6 @@ class FSDP2Backend:
     """Local shards of a ``fully_shard`` model and of its optimizer's state."""
 
     replicated = False
-    #: No spectral probe on sharded weights yet (it would have to run the power iteration across shards).
-    spectral_model: torch.nn.Module | None = None
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         dtensor, replicate, shard = _dtensor_types()
@@ -58,6 +56,12 @@ class FSDP2Backend:
                                   "(FSDP) and (Replicate(), Shard(0)) (HSDP)")
         self.model, self.optimizer = model, optimizer
         self.names = {id(p): n for n, p in named}
+        mesh = named[0][1].device_mesh
+        #: Ranks of the mesh, and copies of each shard among them (HSDP replicas): the sharded spectral
+        #: probe sums partial products over all ranks, then divides by the copies.
+        self.mesh_size = mesh.size()
+        self.spectral_replicas = mesh.size() // mesh.size(mesh.ndim - 1)
+        self.spectral_model: torch.nn.Module | None = model
 
     def _params(self) -> list[torch.nn.Parameter]:
         if self.optimizer is not None:
