@@ -181,7 +181,14 @@ class GradienceConfig:
         self.spike_rule()
 
     def spike_rule(self) -> SpikeRule:
-        """The spike rule these fields describe."""
+        """The spike rule these fields describe (built once: the policy asks every step)."""
+        rule = self.__dict__.get("_spike_rule")
+        if rule is None:
+            rule = self._build_spike_rule()
+            object.__setattr__(self, "_spike_rule", rule)  # frozen: a cache, not a field
+        return rule
+
+    def _build_spike_rule(self) -> SpikeRule:
         try:
             return SpikeRule(window=self.spike_window, sigmas=self.spike_sigmas,
                              warmup=max(20, self.spike_window // 2), ratio=self.spike_ratio > 0,

@@ -43,24 +43,21 @@ _RANKS = _SP + len(_SPEC)
 
 
 def pack(report: ProbeReport, rank: int, world_size: int) -> torch.Tensor:
-    """The vector this rank contributes to the all-reduce (CPU float64)."""
-    vec = torch.zeros(_RANKS + world_size, dtype=torch.float64)
-    for i, name in enumerate(_FLAGS):
-        vec[i] = float(getattr(report, name))
-    for i, name in enumerate(_MAGS):
-        v = getattr(report, name)
-        if math.isnan(v):
-            vec[_NAN + i] = 1.0
-            v = math.inf
-        vec[len(_FLAGS) + i] = v
+    """The vector this rank contributes to the all-reduce (CPU float64), built as one list: element-wise
+    tensor writes cost microseconds each, and this runs twice per step."""
+    vals = [float(getattr(report, name)) for name in _FLAGS]
+    mags = [getattr(report, name) for name in _MAGS]
+    vals += [math.inf if math.isnan(v) else v for v in mags]
+    vals += [1.0 if math.isnan(v) else 0.0 for v in mags]
     fp = report.fingerprint
-    vec[_FP], vec[_FP + 1] = (fp, -fp) if fp is not None else (-math.inf, -math.inf)
-    for i, name in enumerate(_SPEC):
+    vals += [fp, -fp] if fp is not None else [-math.inf, -math.inf]
+    for name in _SPEC:
         v = getattr(report, name)
-        vec[_SP + i] = v if v is not None and not math.isnan(v) else -math.inf
+        vals.append(v if v is not None and not math.isnan(v) else -math.inf)
+    ranks = [0.0] * world_size
     if report.faulty:
-        vec[_RANKS + rank] = 1.0
-    return vec
+        ranks[rank] = 1.0
+    return torch.tensor(vals + ranks, dtype=torch.float64)
 
 
 def unpack(vec: torch.Tensor, report: ProbeReport, world_size: int) -> Verdict:

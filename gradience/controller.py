@@ -222,9 +222,8 @@ class GradienceController(Reports, Effects):
 
         def probe() -> ProbeReport:
             overflow = unscale(scaler, optimizer)
-            report = probe_grad_tensors(source.gate_tensors(), step=step, threshold=self.config.guard_violation_threshold)
-            if loss is not None:
-                report = dataclasses.replace(report, loss=_scalar_loss(loss))
+            report = probe_grad_tensors(source.gate_tensors(), step=step,
+                                        threshold=self.config.guard_violation_threshold, loss=loss)
             if overflow:  # inf/NaN explained by the loss scale: the scaler skips this step and lowers it
                 report = dataclasses.replace(report, nonfinite_grads=False, violation_grads=False,
                                              scaler_overflow=True)
@@ -379,11 +378,4 @@ def _world_size() -> int:
     import torch.distributed as dist
 
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _scalar_loss(loss: torch.Tensor | float) -> float:
-    """The loss as one float for the spike rule (the mean of a non-scalar loss; one host sync)."""
-    if isinstance(loss, torch.Tensor):
-        return float(loss.detach().float().mean())
-    return float(loss)
 

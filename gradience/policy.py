@@ -90,10 +90,12 @@ def _react(state: GuardState, tick: int, config: GradienceConfig) -> tuple[Guard
 
 def _check_spike(state: GuardState, verdict: Verdict, config: GradienceConfig) -> tuple[GuardState, str | None]:
     """Run the spike rule on the agreed loss and grad norm; the new state and, if it fired, why."""
-    memory = risk.SpikeState.from_dict(state.spike_state) if state.spike_state else risk.SpikeState()
+    memory = state.spike_state
+    if not isinstance(memory, risk.SpikeState):
+        memory = risk.SpikeState.from_dict(memory) if memory else risk.SpikeState()
     memory, spike = risk.check_spike(memory, loss=verdict.loss, grad_norm=verdict.grad_norm,
                                      rule=config.spike_rule())
-    state = dataclasses.replace(state, spike_state=memory.to_dict())
+    state = dataclasses.replace(state, spike_state=memory)
     return state, (spike.describe() if spike.fired else None)
 
 

@@ -186,9 +186,16 @@ def probe_grads(params: Iterable[torch.nn.Parameter], *, step: int, threshold: f
     return probe_grad_tensors(grad_tensors(params), step=step, threshold=threshold)
 
 
-def probe_grad_tensors(grads: Sequence[torch.Tensor], *, step: int, threshold: float) -> ProbeReport:
-    """:func:`probe_grads` over gradient tensors themselves (a sharded backend's partitions)."""
-    value = float(norm_max(grads))
+def probe_grad_tensors(grads: Sequence[torch.Tensor], *, step: int, threshold: float,
+                       loss: torch.Tensor | float | None = None) -> ProbeReport:
+    """:func:`probe_grads` over gradient tensors themselves (a sharded backend's partitions). ``loss`` (for the
+    spike rule: its mean) is read back in the same host sync as the norm."""
+    norm = norm_max(grads)
+    stats = _loss_stats(loss, norm.device) if loss is not None else None
+    if stats is not None:
+        value, mean = torch.stack([norm, stats[0]]).tolist()
+    else:
+        value, mean = float(norm), None
     nonfinite, violation = screen(grads, value, threshold)
     return ProbeReport(
         phase=Phase.GRADS,
@@ -196,6 +203,7 @@ def probe_grad_tensors(grads: Sequence[torch.Tensor], *, step: int, threshold: f
         nonfinite_grads=nonfinite,
         violation_grads=violation,
         grad_norm=value,
+        loss=mean,
     )
 
 
@@ -209,6 +217,9 @@ def _loss_stats(loss: torch.Tensor | float, device: torch.device) -> tuple[torch
         v = torch.tensor(float(loss), dtype=torch.float64, device=device)
         return v, v.abs()
     t = loss.detach()
+    if t.numel() == 1 and t.is_floating_point():  # the common case, in two ops
+        v = t.reshape(()).to(device, torch.float64)
+        return v, v.abs()
     if t.is_complex():
         t = t.to(torch.complex128).abs()
     t = t.to(device, torch.float64).reshape(-1)

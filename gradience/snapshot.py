@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import json
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,8 @@ class SnapshotStore:
         #: This rank's exception from the last failed :meth:`save` / :meth:`finish`, None after a success.
         self.last_error: Exception | None = None
         self._pending: _Pending | None = None
+        #: Seconds each shard write (serialise, hash, write, fsync) took, in order: the overhead bench reads it.
+        self.write_seconds: list[float] = []
 
     # ---- paths
     def snapshot_dir(self, sid: int) -> Path:
@@ -202,8 +205,10 @@ class SnapshotStore:
             pending.error = e
 
         def write() -> None:
+            t0 = time.perf_counter()
             try:
                 pending.result = job()
+                self.write_seconds.append(time.perf_counter() - t0)
             except Exception as e:
                 pending.error = e
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from typing import Any
 from dataclasses import dataclass
 
 
@@ -193,8 +194,10 @@ class GuardState:
     kappa_history: tuple[tuple[int, float], ...] = ()
     #: The spectral risk level after the newest probe (a RiskLevel value), None before the first.
     risk_level: str | None = None
-    #: The spike rule's memory (:class:`gradience.risk.SpikeState` as a dict), None before the first check.
-    spike_state: dict | None = None
+    #: The spike rule's memory: a :class:`gradience.risk.SpikeState` (a dict when loaded from JSON, converted
+    #: at the next check), None before the first check. Kept as the object: converting 2 × 128 values to and
+    #: from a dict every step cost more than the rest of the policy.
+    spike_state: Any = None
     #: A DANGER reaction backed the LR off in the current elevated-risk episode (reset at LEARNING or below).
     risk_backoff_done: bool = False
     #: Probe κ̃ every step up to this tick (a WARNING reaction), None when not bursting.
@@ -212,6 +215,8 @@ class GuardState:
         out["target_failures"] = [list(p) for p in self.target_failures]
         out["first_fault_ranks"] = list(self.first_fault_ranks)
         out["kappa_history"] = [list(p) for p in self.kappa_history]
+        spike = self.spike_state
+        out["spike_state"] = spike.to_dict() if hasattr(spike, "to_dict") else spike
         return out
 
     @classmethod
@@ -231,6 +236,10 @@ class GuardState:
             d["target_failures"] = tuple((int(s), int(n)) for s, n in d["target_failures"])
         if "kappa_history" in d:
             d["kappa_history"] = tuple((int(t), float(k)) for t, k in d["kappa_history"])
+        if isinstance(d.get("spike_state"), dict):
+            from gradience.risk import SpikeState  # risk imports this module
+
+            d["spike_state"] = SpikeState.from_dict(d["spike_state"])
         return cls(**d)
 
 

@@ -1,5 +1,5 @@
-"""The overhead benchmark runs end to end and prints one row per arm (its numbers go into the README); so does the
-spectral bench's quick mode."""
+"""The overhead benchmark runs end to end, prints one row per arm and writes its JSON (its numbers go into the README);
+so does the spectral bench's quick mode."""
 
 import json
 import re
@@ -9,13 +9,22 @@ import pytest
 from gradience.bench.__main__ import main
 
 
-def test_overhead_bench_prints_every_arm(capsys):
-    assert main(["overhead", "--blocks", "1", "--block", "3", "--snapshot-interval", "20"]) == 0
+def test_overhead_bench_prints_every_arm_and_writes_the_documented_json(capsys, tmp_path):
+    out_json = tmp_path / "o.json"
+    assert main(["overhead", "--blocks", "1", "--block", "10", "--json", str(out_json)]) == 0
     out = capsys.readouterr().out
-    for arm in ("baseline (no guard)", "probes only", "guard, memory snapshots", "guard, disk snapshots",
-                "guard, disk, background"):
+    for arm in ("interval 50", "interval 100 (default)", "interval 200", "interval 100, spectral off"):
         assert arm in out
-    assert out.count(" %") == 4
+    assert "fixed per-step cost" in out and "rollback from the memory tier" in out
+    r = json.loads(out_json.read_text())
+    assert {"command", "machine", "model", "baseline_step_ms", "arms", "fixed", "rollback", "persist_ms"} <= set(r)
+    assert r["baseline_step_ms"] > 0 and len(r["arms"]) == 4
+    for arm in r["arms"].values():
+        assert {"step_ms", "in_call_ms", "in_call_pct", "end_to_end_pct", "end_to_end_range_pct"} <= set(arm)
+        assert 0 < arm["in_call_ms"] < arm["step_ms"]  # the guard's calls are timed inside the step
+    assert 0 < r["fixed"]["in_call_ms"] and set(r["rollback"]) == {"memory", "disk"}
+    assert all(x["rollback_ms"] > 0 and x["in_steps"] > 0 for x in r["rollback"].values())
+    assert r["persist_ms"]["n"] >= 1 and r["persist_ms"]["median"] > 0  # the initial snapshots were written
 
 
 def test_unknown_benchmark_is_an_error(capsys):

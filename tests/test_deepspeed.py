@@ -19,7 +19,7 @@ import pytest
 deepspeed = pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed (pip install -e .[deepspeed])")
 
 from gradience.errors import ConfigError  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
+from tests.conftest import free_port, rank_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ("0", "1", "2", "3", "1:bf16", "3:bf16")
@@ -39,15 +39,7 @@ def ranks(tmp_path_factory) -> list[dict]:
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(ROOT / "tests" / "ds_worker.py"),
            str(out), ",".join(RUNS)]
     proc = subprocess.run(cmd, env=ds_env(), capture_output=True, text=True, timeout=600)
-    results = []
-    for r in (0, 1):
-        path = out / f"result_rank{r}.json"
-        assert path.exists(), f"rank {r} wrote no result (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
-        results.append(json.loads(path.read_text()))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    for res in results:
-        assert "error" not in res, res["error"]
-    return results
+    return rank_results(out, 2, proc)
 
 
 @pytest.mark.slow
@@ -91,13 +83,21 @@ def test_guard_refuses_what_is_not_an_engine(tmp_path):
         guard(torch.nn.Linear(2, 2), out_dir=str(tmp_path))
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+            "--master_addr", "127.0.0.1"]
+ACCELERATE = [str(Path(sys.executable).with_name("accelerate")), "launch", "--use_deepspeed", "--zero_stage", "2",
+              "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
 @pytest.mark.slow
-def test_trainer_with_deepspeed_zero2_and_the_callback_recovers_on_every_rank(tmp_path):
-    """TrainingArguments(deepspeed=launch/ds_zero2.json) + GradienceCallback under torchrun, 2 ranks: a NaN written
-    into rank 1's module weights after step 12 -> both ranks roll back to the snapshot of step 10 together."""
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_trainer_with_deepspeed_zero2_and_the_callback_recovers_on_every_rank(tmp_path, launcher):
+    """TrainingArguments(deepspeed=launch/ds_zero2.json) + GradienceCallback, 2 ranks, under torchrun and under
+    ``accelerate launch --use_deepspeed``: a NaN written into rank 1's module weights after step 12 -> both ranks
+    roll back to the snapshot of step 10 together."""
     g, o = tmp_path / "g", tmp_path / "o"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "launch/train_hf.py",
+    port = ["--master_port" if launcher == "torchrun" else "--main_process_port", str(free_port())]
+    cmd = [*(TORCHRUN if launcher == "torchrun" else ACCELERATE), *port, "launch/train_hf.py",
            "--deepspeed", "launch/ds_zero2.json", "--use_cpu", "--gradience_config", "configs/hf_example.yaml",
            "--gradience_out_dir", str(g), "--output_dir", str(o), "--expect_world_size", "2", "--max_steps", "30",
            "--per_device_train_batch_size", "4", "--inject-nan-step", "12", "--inject-rank", "1"]
@@ -110,6 +110,8 @@ def test_trainer_with_deepspeed_zero2_and_the_callback_recovers_on_every_rank(tm
         acts[rank] = [(e["event"], e["step"], e.get("to_step"), e.get("reason")) for e in evs
                       if e["event"] in ("rollback_success", "abort", "halt")]
     assert acts[0] == acts[1] == [("rollback_success", 13, 10, "NONFINITE_WEIGHTS")]
+    start = json.loads((g / "telemetry.jsonl").read_text().splitlines()[0])
+    assert (start["event"], start["world_size"], start["backend"]) == ("start", 2, "DeepSpeedBackend")
     res = [json.loads((o / f"train_result_rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [x["exit_code"] for x in res] == [0, 0] and res[0]["weights_sha256"] == res[1]["weights_sha256"]
     assert all(x["weights_finite"] and math.isfinite(x["final_loss"]) for x in res)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, rank_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,15 +23,7 @@ def launch(out: Path, nproc: int, mesh: str) -> list[dict]:
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(ROOT / "tests" / "fsdp_worker.py"),
            str(out), mesh]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    results = []
-    for r in range(nproc):
-        path = out / f"result_rank{r}.json"
-        assert path.exists(), f"rank {r} wrote no result (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
-        results.append(json.loads(path.read_text()))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    for res in results:
-        assert "error" not in res, res["error"]
-    return results
+    return rank_results(out, nproc, proc)
 
 
 @pytest.mark.slow

@@ -59,20 +59,41 @@ class PlainBackend:
 
     replicated = True
 
+    #: The tensor lists are walked again after this many calls even when the optimizer's groups look the same
+    #: (a buffer reassigned by a module, a parameter swapped in a group): a walk of a large model's modules
+    #: costs about half a millisecond, too much for every step.
+    REFRESH_EVERY = 100
+
     def __init__(self, model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None) -> None:
         self.model, self.optimizer = model, optimizer
         self.spectral_model: torch.nn.Module | None = model
+        self._key: tuple | None = None
+        self._calls = 0
+        self._cached: tuple[list[torch.nn.Parameter], list[torch.Tensor], list[torch.Tensor]] | None = None
 
     def gate_tensors(self) -> list[torch.Tensor]:
-        return grad_tensors(self._params())
+        return grad_tensors(self._lists()[0])
 
     def close_gate(self) -> None:
         # Dropped gradients make even an unconditional optimizer.step() a no-op for these parameters.
-        for p in self._params():
+        for p in self._lists()[0]:
             p.grad = None
 
     def check_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        return parameters(self.model), persistent_buffers(self.model)
+        _, weights, buffers = self._lists()
+        return weights, buffers
+
+    def _lists(self) -> tuple[list[torch.nn.Parameter], list[torch.Tensor], list[torch.Tensor]]:
+        """(the optimizer's parameters, the model's non-empty parameters, its checkable persistent buffers),
+        cached while the optimizer's groups keep their shape (walked again every REFRESH_EVERY calls)."""
+        groups = self.optimizer.param_groups if self.optimizer is not None else ()
+        key = tuple((len(g["params"]), id(g["params"][0]) if g["params"] else 0) for g in groups)
+        self._calls += 1
+        if self._cached is None or key != self._key or self._calls >= self.REFRESH_EVERY:
+            weights = parameters(self.model) if self.model is not None else []
+            buffers = persistent_buffers(self.model) if self.model is not None else []
+            self._cached, self._key, self._calls = (self._params(), weights, buffers), key, 0
+        return self._cached
 
     def bad(self, threshold: float, *, grads: bool) -> BadTensors:
         from gradience.probe import bad_tensors
