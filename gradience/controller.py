@@ -170,7 +170,8 @@ class GradienceController(Reports, Effects):
         install_sigterm(self)
         watch_join()
         if self.config.spectral_enabled and self.backend.spectral_model is None:
-            logger.info("Gradience: no spectral probe for this run's sharded weights yet; κ̃ is off")
+            logger.warning("Gradience: no spectral probe on this run's weights (DeepSpeed ZeRO-3 partitions cut "
+                           "across matrices); κ̃ and the risk level are off, the other checks run")
         elif self.config.spectral_enabled:
             self._spectral = SpectralMonitor(self.backend.spectral_model, self.config, self.telemetry,
                                              reduce=self._spectral_reduce())

@@ -110,6 +110,10 @@ class Reports:
             self.lr.set(self.state.lr_scale)
 
     def _weights_fingerprint(self) -> str | None:
+        """A checksum of the weights this rank holds (its shards when sharded: never a collective)."""
+        backend = getattr(self, "backend", None)
+        if backend is not None:
+            return f"{int(fingerprint_tensor(backend.check_tensors()[0])):013x}"
         if self.model is None:
             return None
         return f"{int(fingerprint_tensor(parameters(self.model))):013x}"
