@@ -174,10 +174,12 @@ class SpectralProbe:
             return SpectralReading(kappa=math.nan, stable_rank=math.nan, definition="none", where="")
         # Device work only here (a few ops per matrix: each costs microseconds); scaling and ratios on the host.
         heads, sigmas, fros, ranks = [], [], [], []
+        sharded: list[tuple[str, int, Any, Any]] = []  # (kind, index, block(s), pair) run in lockstep below
         for i, pair in enumerate(self.pairs):
             q, k = pair.q(), pair.k()
             if pair.sharded:
-                heads.append(self._sharded_pair(i, pair, q, k, iters))
+                sharded.append(("attn", i, (q, k), pair))
+                heads.append(None)
                 continue
             dt = _COMPUTE[q.dtype]
             # Query head j*G + g reads kv head j (as transformers' repeat_kv): group the query heads by kv head.
@@ -189,9 +191,9 @@ class SpectralProbe:
         for j, (_, get) in enumerate(self.hidden):
             w = get()
             if not isinstance(w, torch.Tensor):  # a sharded block
-                sigma, fro = self._sharded_matrix(j, w, iters)
-                sigmas.append(sigma)
-                fros.append(fro)
+                sharded.append(("hidden", j, w, None))
+                sigmas.append(None)
+                fros.append(None)
                 ranks.append(min(w.rows, w.cols))
                 continue
             w = w.to(_COMPUTE[w.dtype])
@@ -200,6 +202,8 @@ class SpectralProbe:
             sigmas.append(sigma)
             fros.append(torch.linalg.vector_norm(w))
             ranks.append(min(w.shape))
+        if sharded:
+            self._sharded(sharded, iters, heads, sigmas, fros)
         values = _host(heads + sigmas + fros)
         head_values, sigma_values, fro_values = (values[:len(heads)], values[len(heads):len(heads) + len(sigmas)],
                                                  values[len(heads) + len(sigmas):])
@@ -217,24 +221,36 @@ class SpectralProbe:
                                stable_rank_where=conc_where, layers=dict(zip(names, kappas, strict=True)))
 
 
-    def _sharded_pair(self, i: int, pair: QKPair, q: Any, k: Any, iters: int) -> torch.Tensor:
-        from gradience.spectral_sharded import qk_products
+    def _sharded(self, jobs: list[tuple[str, int, Any, Any]], iters: int, heads: list, sigmas: list,
+                 fros: list) -> None:
+        """The sharded operators' power iterations in lockstep (one reduce per stage for all of them); fills the
+        placeholders of ``heads``, ``sigmas`` and ``fros``."""
+        from gradience.spectral_sharded import lockstep, matrix_stages, qk_stages, reduce_many
 
-        dt = _COMPUTE[q.t.dtype]
-        shape = (pair.n_kv_heads, pair.n_heads // pair.n_kv_heads, k.cols)
-        v, n = self._start(self._v_attn, i, shape, q.t.to(dt), iters)
-        prods = qk_products(q, k, pair.n_heads, pair.n_kv_heads, pair.head_dim, self.reduce, dt)
-        sigma, self._v_attn[i] = power_iteration(*prods, v, n)
-        return sigma.amax()
-
-    def _sharded_matrix(self, j: int, b: Any, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from gradience.spectral_sharded import matrix_products
-
-        dt = _COMPUTE[b.t.dtype]
-        matvec, rmatvec, fro = matrix_products(b, self.reduce, dt)
-        v, n = self._start(self._v_hidden, j, (b.cols,), b.t.to(dt), iters)
-        sigma, self._v_hidden[j] = power_iteration(matvec, rmatvec, v, n)
-        return sigma, fro
+        ops, frob, n = [], [], iters
+        for kind, i, blocks, pair in jobs:
+            if kind == "attn":
+                q, k = blocks
+                dt = _COMPUTE[q.t.dtype]
+                shape = (pair.n_kv_heads, pair.n_heads // pair.n_kv_heads, k.cols)
+                v, m = self._start(self._v_attn, i, shape, q.t.to(dt), iters)
+                ops.append((qk_stages(q, k, pair.n_heads, pair.n_kv_heads, pair.head_dim, dt), v))
+            else:
+                dt = _COMPUTE[blocks.t.dtype]
+                stages, fro_sq = matrix_stages(blocks, dt)
+                v, m = self._start(self._v_hidden, i, (blocks.cols,), blocks.t.to(dt), iters)
+                ops.append((stages, v))
+                frob.append(fro_sq.reshape(1))
+            n = max(n, m)  # vectors started together run the same count (the first probe: cold for all)
+        fro_values = iter(reduce_many(frob, self.reduce))
+        for (kind, i, _, _), (sigma, v) in zip(jobs, lockstep(ops, n, self.reduce), strict=True):
+            if kind == "attn":
+                self._v_attn[i] = v
+                heads[i] = sigma.amax()
+            else:
+                self._v_hidden[i] = v
+                sigmas[i] = sigma
+                fros[i] = next(fro_values).sqrt().reshape(())
 
 
 def _host(values: list[torch.Tensor]) -> list[float]:

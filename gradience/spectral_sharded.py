@@ -4,9 +4,8 @@ no weight is ever gathered and every rank ends with the same vectors, hence the 
 
 A block is any rectangle of the logical (out, in) matrix — FSDP2's row shards of a Linear weight, GPT-2's
 Conv1D shards (rows of the stored (in, out) weight, so columns of the logical one), or the q / k rows of a fused
-projection — so the same four products serve all of them. Each power iteration costs two reduces for
-A x = W_Qᵀ(W_K x) and two for Aᵀu (vectors of heads × d_model or heads × head_dim elements), and one per
-product for a hidden matrix.
+projection — so the same four products serve all of them. A power iteration costs four reduces in all: two for
+A x = W_Qᵀ(W_K x) and two for Aᵀu (the hidden matrices' two products ride in the first two).
 """
 
 from __future__ import annotations
@@ -52,49 +51,91 @@ def _rows(b: LocalBlock, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     return r // head_dim, r % head_dim
 
 
-def qk_products(q: LocalBlock, k: LocalBlock, n_heads: int, n_kv: int, head_dim: int, reduce: Reduce,
-                dtype: torch.dtype) -> tuple[Callable, Callable]:
-    """matvec / rmatvec of A_h = W_Q,hᵀ W_K,kv(h) for all query heads, on vectors (n_kv, group, d_model)."""
+def qk_stages(q: LocalBlock, k: LocalBlock, n_heads: int, n_kv: int, head_dim: int,
+              dtype: torch.dtype) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    """AᵀA v for A_h = W_Q,hᵀ W_K,kv(h), all query heads at once (vectors (n_kv, group, d_model)), as four partial
+    products; each takes the *reduced* output of the one before: W_K v, W_Qᵀ(.), W_Q(.), W_Kᵀ(.)."""
     group = n_heads // n_kv
     tq, tk = q.t.to(dtype), k.t.to(dtype)
     hq, iq = _rows(q, head_dim)  # query head and in-head row of each local Q row
     kk, ik = _rows(k, head_dim)  # kv head and in-head row of each local K row
     qc, kc = slice(q.c0, q.c0 + tq.shape[1]), slice(k.c0, k.c0 + tk.shape[1])
 
-    def matvec(x: torch.Tensor) -> torch.Tensor:  # W_Qᵀ (W_K x)
+    def k_x(x: torch.Tensor) -> torch.Tensor:
         z = x.new_zeros(n_kv, group, head_dim)
         z[kk, :, ik] = torch.einsum("rc,rgc->rg", tk, x[kk][:, :, kc])
-        z = reduce(z).reshape(n_heads, head_dim)
-        out = x.new_zeros(n_heads, q.cols)
-        out[:, qc].index_add_(0, hq, tq * z[hq, iq].unsqueeze(-1))
-        return reduce(out).reshape(n_kv, group, q.cols)
+        return z
 
-    def rmatvec(u: torch.Tensor) -> torch.Tensor:  # W_Kᵀ (W_Q u)
+    def qt_z(z: torch.Tensor) -> torch.Tensor:
+        z = z.reshape(n_heads, head_dim)
+        out = z.new_zeros(n_heads, q.cols)
+        out[:, qc].index_add_(0, hq, tq * z[hq, iq].unsqueeze(-1))
+        return out.reshape(n_kv, group, q.cols)
+
+    def q_u(u: torch.Tensor) -> torch.Tensor:
         flat = u.reshape(n_heads, -1)
         z = u.new_zeros(n_heads, head_dim)
         z[hq, iq] = (tq * flat[hq][:, qc]).sum(-1)
-        z = reduce(z).reshape(n_kv, group, head_dim)
-        out = u.new_zeros(n_kv, group, k.cols)
+        return z
+
+    def kt_z(z: torch.Tensor) -> torch.Tensor:
+        z = z.reshape(n_kv, group, head_dim)
+        out = z.new_zeros(n_kv, group, k.cols)
         out[:, :, kc].index_add_(0, kk, tk.unsqueeze(1) * z[kk, :, ik].unsqueeze(-1))
-        return reduce(out)
+        return out
 
-    return matvec, rmatvec
+    return [k_x, qt_z, q_u, kt_z]
 
 
-def matrix_products(b: LocalBlock, reduce: Reduce, dtype: torch.dtype) -> tuple[Callable, Callable, torch.Tensor]:
-    """matvec / rmatvec of a sharded hidden matrix W, and ‖W‖_F (one reduce)."""
+def matrix_stages(b: LocalBlock, dtype: torch.dtype) -> tuple[list[Callable[[torch.Tensor], torch.Tensor]],
+                                                               torch.Tensor]:
+    """WᵀW v of a sharded hidden matrix as two partial products (W v, then Wᵀ of the reduced result), and this
+    rank's share of ‖W‖_F² (to be reduced)."""
     t = b.t.to(dtype)
     rs, cs = slice(b.r0, b.r0 + t.shape[0]), slice(b.c0, b.c0 + t.shape[1])
 
-    def matvec(x: torch.Tensor) -> torch.Tensor:
+    def w_x(x: torch.Tensor) -> torch.Tensor:
         y = x.new_zeros(b.rows)
         y[rs] = t @ x[cs]
-        return reduce(y)
+        return y
 
-    def rmatvec(y: torch.Tensor) -> torch.Tensor:
+    def wt_y(y: torch.Tensor) -> torch.Tensor:
         x = y.new_zeros(b.cols)
         x[cs] = t.T @ y[rs]
-        return reduce(x)
+        return x
 
-    fro = reduce(torch.linalg.vector_norm(t).square().reshape(1)).sqrt().reshape(())
-    return matvec, rmatvec, fro
+    return [w_x, wt_y], torch.linalg.vector_norm(t).square()
+
+
+def reduce_many(parts: list[torch.Tensor], reduce: Reduce) -> list[torch.Tensor]:
+    """Every tensor of ``parts`` summed over the ranks, in one reduce (flattened, in the widest dtype)."""
+    if not parts:
+        return []
+    dtype = torch.float64 if any(p.dtype == torch.float64 for p in parts) else parts[0].dtype
+    out = reduce(torch.cat([p.reshape(-1).to(dtype) for p in parts]))
+    return [o.view(p.shape).to(p.dtype) for o, p in zip(out.split([p.numel() for p in parts]), parts, strict=True)]
+
+
+def lockstep(ops: list[tuple[list[Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]], iters: int,
+             reduce: Reduce) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`gradience.spectral.power_iteration` for many sharded operators at once: stage s of every operator
+    shares one reduce, so an iteration costs as many reduces as the deepest operator has stages (4 with
+    attention), whatever the number of layers. Returns (σ, new unit v) per operator, as power_iteration does."""
+    starts = [v / torch.linalg.vector_norm(v, dim=-1, keepdim=True) for _, v in ops]
+    vs, norms = list(starts), [None] * len(ops)
+    depth = max(len(stages) for stages, _ in ops)
+    for _ in range(iters):
+        cur = list(vs)
+        for s in range(depth):
+            live = [i for i, (stages, _) in enumerate(ops) if s < len(stages)]
+            done = reduce_many([ops[i][0][s](cur[i]) for i in live], reduce)
+            for i, w in zip(live, done, strict=True):
+                cur[i] = w
+        for i, w in enumerate(cur):
+            norms[i] = torch.linalg.vector_norm(w, dim=-1, keepdim=True)
+            vs[i] = w / norms[i].clamp_min(torch.finfo(w.dtype).tiny)
+    out = []
+    for start, v, norm in zip(starts, vs, norms, strict=True):
+        ok = torch.nan_to_num(norm, nan=0.0, posinf=0.0) > 0  # as power_iteration: a bad product keeps the start
+        out.append((norm.squeeze(-1).sqrt(), torch.where(ok, v, start)))
+    return out
