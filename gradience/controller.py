@@ -261,7 +261,6 @@ class GradienceController(Reports, Effects):
         if self.halted:
             return False
         refuse_inside_join()
-        tensors = self.backend.check_tensors() if model in (None, self.model) else None
         tick = self._tick0 + self.steps_seen
         self.steps_seen += 1
         self.last_step = step
@@ -273,6 +272,7 @@ class GradienceController(Reports, Effects):
             fingerprint = False  # nothing compared this step: a snapshot of it is not verified
             report = ProbeReport(phase=Phase.STEP, step=step, update_skipped=skipped)
         else:
+            tensors = self.backend.check_tensors() if model in (None, self.model) else None
             report = self._probe(Phase.STEP, step, lambda: probe_step(
                 loss, model, tensors=tensors, step=step, threshold=self.config.guard_violation_threshold,
                 update_skipped=skipped, with_fingerprint=fingerprint))

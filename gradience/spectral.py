@@ -37,8 +37,6 @@ from torch import nn
 from gradience.spectral_find import (  # noqa: F401 - part of this module's API
     _COMPUTE,
     QKPair,
-    _owner_param,
-    _sharded,
     find_qk,
     hidden_matrices,
     strip_name,
@@ -91,8 +89,13 @@ def power_iteration(matvec: Callable[[torch.Tensor], torch.Tensor], rmatvec: Cal
             w = reduce(w)
         norm = torch.linalg.vector_norm(w, dim=-1, keepdim=True)
         v = w / norm.clamp_min(tiny)
-    # Checked once, not per iteration (each op costs microseconds on small matrices): NaN propagates, and
-    # NaN > 0 is False. Inf weights read NaN rather than Inf: both are non-finite.
+    return settle(norm, v, start)
+
+
+def settle(norm: torch.Tensor, v: torch.Tensor, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(σ, the vector to keep) after power iteration ended with ‖AᵀAv‖ = ``norm``: a NaN/Inf/zero product keeps
+    the ``start`` vector. Checked once, not per iteration (each op costs microseconds on small matrices): NaN
+    propagates, and NaN > 0 is False. Inf weights read NaN rather than Inf: both are non-finite."""
     ok = torch.nan_to_num(norm, nan=0.0, posinf=0.0) > 0
     return norm.squeeze(-1).sqrt(), torch.where(ok, v, start)
 
@@ -146,9 +149,8 @@ class SpectralProbe:
         if definition == "attention" and not self.pairs:
             raise ValueError("definition='attention' but no attention Q/K weights were found; pass a mapping")
         exclude = tuple(mapping.get("exclude", ())) if mapping is not None else ()
-        self.hidden = hidden_matrices(model, exclude) if stable_rank or not self.pairs else []
-        if reduce is None:
-            self.hidden = [(n, g) for n, g in self.hidden if not _sharded(_owner_param(model, n))]
+        self.hidden = (hidden_matrices(model, exclude, sharded=reduce is not None) if stable_rank or not self.pairs
+                       else [])
         self.stable_rank = stable_rank
         self.definition = ("attention_logit_bound" if self.pairs else "max_hidden_sigma" if self.hidden
                            else "none")
@@ -157,14 +159,14 @@ class SpectralProbe:
         self._v_attn: list[torch.Tensor | None] = [None] * len(self.pairs)
         self._v_hidden: list[torch.Tensor | None] = [None] * len(self.hidden)
 
-    def _start(self, store: list[torch.Tensor | None], i: int, shape: tuple[int, ...], like: torch.Tensor,
-               iters: int) -> tuple[torch.Tensor, int]:
-        """The warm vector ``store[i]`` on ``like``'s device and dtype, and the iterations it needs."""
+    def _start(self, store: list[torch.Tensor | None], i: int, shape: tuple[int, ...], device: torch.device,
+               dtype: torch.dtype, iters: int) -> tuple[torch.Tensor, int]:
+        """The warm vector ``store[i]`` on ``device`` in ``dtype``, and the iterations it needs."""
         v = store[i]
         if v is None or v.shape != shape:
-            v = torch.randn(shape, generator=self._gen, dtype=torch.float64).to(like.device, like.dtype)
+            v = torch.randn(shape, generator=self._gen, dtype=torch.float64).to(device, dtype)
             return v, max(iters, self.cold_iters)
-        return v.to(like.device, like.dtype), iters
+        return v.to(device, dtype), iters
 
     @torch.no_grad()
     def measure(self, iters: int | None = None) -> SpectralReading:
@@ -185,7 +187,7 @@ class SpectralProbe:
             # Query head j*G + g reads kv head j (as transformers' repeat_kv): group the query heads by kv head.
             q = q.to(dt).unflatten(0, (pair.n_kv_heads, -1))
             k = k.to(dt)
-            v, n = self._start(self._v_attn, i, (q.shape[0], q.shape[1], k.shape[-1]), q, iters)
+            v, n = self._start(self._v_attn, i, (q.shape[0], q.shape[1], k.shape[-1]), q.device, q.dtype, iters)
             sigma, self._v_attn[i] = power_iteration(*_qk_products(q, k), v, n)
             heads.append(sigma.amax())  # amax keeps NaN
         for j, (_, get) in enumerate(self.hidden):
@@ -197,7 +199,7 @@ class SpectralProbe:
                 ranks.append(min(w.rows, w.cols))
                 continue
             w = w.to(_COMPUTE[w.dtype])
-            v, n = self._start(self._v_hidden, j, (w.shape[1],), w, iters)
+            v, n = self._start(self._v_hidden, j, (w.shape[1],), w.device, w.dtype, iters)
             sigma, self._v_hidden[j] = power_iteration(w.__matmul__, w.__rmatmul__, v, n)
             sigmas.append(sigma)
             fros.append(torch.linalg.vector_norm(w))
@@ -233,12 +235,12 @@ class SpectralProbe:
                 q, k = blocks
                 dt = _COMPUTE[q.t.dtype]
                 shape = (pair.n_kv_heads, pair.n_heads // pair.n_kv_heads, k.cols)
-                v, m = self._start(self._v_attn, i, shape, q.t.to(dt), iters)
+                v, m = self._start(self._v_attn, i, shape, q.t.device, dt, iters)
                 ops.append((qk_stages(q, k, pair.n_heads, pair.n_kv_heads, pair.head_dim, dt), v))
             else:
                 dt = _COMPUTE[blocks.t.dtype]
                 stages, fro_sq = matrix_stages(blocks, dt)
-                v, m = self._start(self._v_hidden, i, (blocks.cols,), blocks.t.to(dt), iters)
+                v, m = self._start(self._v_hidden, i, (blocks.cols,), blocks.t.device, dt, iters)
                 ops.append((stages, v))
                 frob.append(fro_sq.reshape(1))
             n = max(n, m)  # vectors started together run the same count (the first probe: cold for all)

@@ -246,9 +246,11 @@ def find_qk(model: nn.Module, mapping: Mapping[str, Any] | None = None,
     return _auto(model, skipped)
 
 
-def hidden_matrices(model: nn.Module, exclude: tuple[str, ...] = ()) -> list[tuple[str, Getter]]:
+def hidden_matrices(model: nn.Module, exclude: tuple[str, ...] = (), *,
+                    sharded: bool = True) -> list[tuple[str, Getter]]:
     """(wrapper-free name, getter) of the hidden 2-D weights: embeddings, weights tied to them, readouts and
-    names matching a glob of ``exclude`` left out (see the module docstring for the rule)."""
+    names matching a glob of ``exclude`` left out (see the module docstring for the rule); DTensor weights
+    only with ``sharded``."""
     model = _unwrap(model)
     embeddings = [m.weight for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
     emb_ids = {id(w) for w in embeddings}
@@ -261,7 +263,7 @@ def hidden_matrices(model: nn.Module, exclude: tuple[str, ...] = ()) -> list[tup
             name = strip_name(f"{mod_name}.{attr}" if mod_name else attr)
             if id(p) in seen or not _probeable(p) or id(p) in emb_ids or (not _sharded(p) and p.data_ptr() in emb_ptrs):
                 continue
-            if any(fnmatch.fnmatchcase(name, g) for g in exclude):
+            if any(fnmatch.fnmatchcase(name, g) for g in exclude) or (_sharded(p) and not sharded):
                 continue
             seen.add(id(p))
             out.append((name, lambda mod=mod, attr=attr: _matrix(getattr(mod, attr))))
@@ -275,11 +277,3 @@ def _matrix(w: torch.Tensor) -> Any:
         return local_block(w, None, False)
     return w.detach()
 
-
-def _owner_param(model: nn.Module, name: str) -> Any:
-    """The parameter behind a wrapper-free name of :func:`hidden_matrices`."""
-    model = _unwrap(model)
-    for raw, p in model.named_parameters():
-        if strip_name(raw) == name:
-            return p
-    return None

@@ -134,8 +134,6 @@ def lockstep(ops: list[tuple[list[Callable[[torch.Tensor], torch.Tensor]], torch
         for i, w in enumerate(cur):
             norms[i] = torch.linalg.vector_norm(w, dim=-1, keepdim=True)
             vs[i] = w / norms[i].clamp_min(torch.finfo(w.dtype).tiny)
-    out = []
-    for start, v, norm in zip(starts, vs, norms, strict=True):
-        ok = torch.nan_to_num(norm, nan=0.0, posinf=0.0) > 0  # as power_iteration: a bad product keeps the start
-        out.append((norm.squeeze(-1).sqrt(), torch.where(ok, v, start)))
-    return out
+    from gradience.spectral import settle
+
+    return [settle(norm, v, start) for start, v, norm in zip(starts, vs, norms, strict=True)]

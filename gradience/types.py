@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 
 class RiskLevel(str, enum.Enum):

@@ -13,7 +13,7 @@ A backend never talks to other ranks except inside :meth:`StateBackend.restore` 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import torch
@@ -21,7 +21,8 @@ import torch
 from gradience.probe import BadTensors, grad_tensors, parameters, persistent_buffers
 from gradience.state import capture_state, restore_state
 
-__all__ = ["PlainBackend", "StateBackend", "copy_into", "default_backend", "to_cpu", "unique"]
+__all__ = ["PlainBackend", "StateBackend", "capture_shard", "copy_into", "default_backend", "restore_live",
+           "restore_optimizer_state", "saved_optimizer_states", "to_cpu", "unique"]
 
 
 class StateBackend(Protocol):
@@ -149,6 +150,67 @@ def copy_into(live: torch.Tensor, saved: torch.Tensor, name: str) -> None:
         raise ValueError(f"snapshot tensor {name}: {tuple(saved.shape)} {saved.dtype}, the rank holds "
                          f"{tuple(live.shape)} {live.dtype}")
     live.copy_(saved)
+
+
+def capture_shard(named: Iterable[tuple[str, torch.Tensor]], optimizer_states: Iterable[tuple[str, dict]], *,
+                  copy: bool, local: Callable[[Any], torch.Tensor] = lambda t: t,
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, dict[str, Any]]]:
+    """A sharded backend's shard: (CPU tensors, aliases, non-tensor optimizer values). ``named``: the live tensors
+    (each storage kept once); ``optimizer_states``: (label, the optimizer's state dict of one parameter), whose
+    tensors go in as ``optim.<label>.<key>`` and other values into the JSON side."""
+    live, aliases = unique(named)
+    tensors = {n: to_cpu(t, copy) for n, t in live.items()}
+    scalars: dict[str, dict[str, Any]] = {}
+    for label, state in optimizer_states:
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{label}.{key}"] = to_cpu(local(value), copy)
+            else:
+                scalars.setdefault(label, {})[key] = value
+    return tensors, aliases, scalars
+
+
+def restore_live(named: Iterable[tuple[str, torch.Tensor]], tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Copy a shard's tensors into the live ones in place, refusing a shard that lacks any of them."""
+    live, _ = unique(named)
+    missing = sorted(set(live) - set(tensors))
+    if missing:
+        raise ValueError(f"snapshot lacks {missing[:5]} of {what}")
+    for name, t in live.items():
+        copy_into(t, tensors[name], name)
+
+
+def saved_optimizer_states(tensors: dict[str, torch.Tensor], scalars: dict[str, dict[str, Any]]
+                           ) -> dict[str, dict[str, Any]]:
+    """A :func:`capture_shard` shard's optimizer entries by label (one pass over the shard)."""
+    out: dict[str, dict[str, Any]] = {label: dict(values) for label, values in scalars.items()}
+    for name, t in tensors.items():
+        if name.startswith("optim."):
+            label, key = name[len("optim."):].rsplit(".", 1)  # labels may hold dots (names), keys do not
+            out.setdefault(label, {})[key] = t
+    return out
+
+
+def restore_optimizer_state(states: dict, param: Any, saved: dict[str, Any] | None,
+                            new: Callable[[torch.Tensor], Any], *, reset: bool = False,
+                            local: Callable[[Any], torch.Tensor] = lambda t: t) -> bool:
+    """Put ``param``'s optimizer state back from its ``saved`` entries (:func:`saved_optimizer_states`): in place
+    where the live tensor exists, ``new(saved)`` where it does not; with ``reset``, a live state whose entries
+    differ is replaced whole. Returns whether the state's entries changed (created, dropped or replaced)."""
+    if not saved:  # the snapshot predates the first update: the optimizer starts afresh
+        return states.pop(param, None) is not None
+    state = states.get(param)
+    changed = state is None or set(state) != set(saved)
+    if state is None or (changed and reset):
+        states[param] = state = {}
+    for key, value in saved.items():
+        if not isinstance(value, torch.Tensor):
+            state[key] = value
+        elif isinstance(state.get(key), torch.Tensor):
+            copy_into(local(state[key]), value, f"optim.{key}")
+        else:
+            state[key] = new(value)
+    return changed
 
 
 def default_backend(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> StateBackend:

@@ -24,9 +24,15 @@ from typing import Any
 
 import torch
 
-from gradience.backends import copy_into, to_cpu, unique
+from gradience.backends import (
+    capture_shard,
+    restore_live,
+    restore_optimizer_state,
+    saved_optimizer_states,
+    unique,
+)
 from gradience.errors import ConfigError
-from gradience.probe import BadTensors, bad_named, named_persistent_buffers
+from gradience.probe import BadTensors, bad_named, grad_tensors, named_persistent_buffers, persistent_buffers
 
 _SUPPORTED = ("DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer_Stage3")
 
@@ -79,7 +85,7 @@ class DeepSpeedBackend:
 
     def gate_tensors(self) -> list[torch.Tensor]:
         if self.stage == 0:
-            return [p.grad for p in self._module_params() if p.grad is not None]
+            return grad_tensors(self._module_params())
         groups = getattr(self.zero, "averaged_gradients", None) or {}
         out: list[torch.Tensor] = []
         for grads in groups.values():
@@ -107,8 +113,7 @@ class DeepSpeedBackend:
 
     def check_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         weights, _ = unique(self._named_weights())
-        return list(weights.values()), [b for _, b in named_persistent_buffers(self.module)
-                                         if b.is_floating_point() or b.is_complex()]
+        return list(weights.values()), persistent_buffers(self.module)
 
     def bad(self, threshold: float, *, grads: bool) -> BadTensors:
         if grads:
@@ -125,50 +130,24 @@ class DeepSpeedBackend:
         return named
 
     def capture(self, *, copy: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        live, aliases = unique(self._named_state())
-        tensors = {n: to_cpu(t, copy) for n, t in live.items()}
-        scalars: dict[str, dict[str, Any]] = {}
-        for i, master in enumerate(self._masters()):
-            for key, value in self.base.state.get(master, {}).items():
-                if isinstance(value, torch.Tensor):
-                    tensors[f"optim.{i}.{key}"] = to_cpu(value, copy)
-                else:
-                    scalars.setdefault(str(i), {})[key] = value
+        masters = self._masters()
+        states = ((str(i), self.base.state.get(m, {})) for i, m in enumerate(masters))
+        tensors, aliases, scalars = capture_shard(self._named_state(), states, copy=copy)
         meta = {"backend": "deepspeed", "zero_stage": self.stage, "aliases": aliases, "optimizer_scalars": scalars,
-                "masters": len(self._masters())}
+                "masters": len(masters)}
         return tensors, meta
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         if meta.get("backend") != "deepspeed" or meta.get("zero_stage") != self.stage:
             raise ValueError(f"snapshot is of {meta.get('backend', 'a plain model')} ZeRO-{meta.get('zero_stage')}"
                              f", this engine runs ZeRO-{self.stage}")
-        live, _ = unique(self._named_state())
-        missing = sorted(set(live) - set(tensors))
-        if missing:
-            raise ValueError(f"snapshot lacks {missing[:5]} of this engine's state")
         with torch.no_grad():
-            for name, t in live.items():
-                copy_into(t, tensors[name], name)
-            scalars = meta.get("optimizer_scalars", {})
+            restore_live(self._named_state(), tensors, "this engine's state")
+            saved = saved_optimizer_states(tensors, meta.get("optimizer_scalars", {}))
             relink = False
             for i, master in enumerate(self._masters()):
-                saved = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"optim.{i}.")}
-                saved.update(scalars.get(str(i), {}))
-                state = self.base.state.get(master)
-                if not saved:  # the snapshot predates the first update: the optimizer starts afresh
-                    relink |= self.base.state.pop(master, None) is not None
-                    continue
-                if state is None or set(state) != set(saved):
-                    self.base.state[master] = state = {}
-                    relink = True
-                for key, value in saved.items():
-                    if isinstance(value, torch.Tensor):
-                        if isinstance(state.get(key), torch.Tensor):
-                            copy_into(state[key], value, f"optim.{i}.{key}")
-                        else:
-                            state[key] = value.to(master.device, copy=True)
-                    else:
-                        state[key] = value
+                relink |= restore_optimizer_state(self.base.state, master, saved.get(str(i)),
+                                                  lambda v, m=master: v.to(m.device, copy=True), reset=True)
             if relink and hasattr(self.zero, "_hp_optimizer_states_linked"):
                 self.zero._hp_optimizer_states_linked = False  # DeepSpeed re-links its fragments after a step
             if self.stage == 3:

@@ -8,15 +8,17 @@ the mesh (the default group): ranks holding different shards must agree, and so 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 
-from gradience.backends import copy_into, to_cpu, unique
+from gradience.backends import capture_shard, restore_live, restore_optimizer_state, saved_optimizer_states
 from gradience.errors import ConfigError
-from gradience.probe import BadTensors, bad_named, named_persistent_buffers
+from gradience.probe import BadTensors, bad_named, named_persistent_buffers, persistent_buffers
 
 
+@functools.cache
 def _dtensor_types() -> tuple[type, type, type] | None:
     try:
         from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -77,7 +79,7 @@ class FSDP2Backend:
 
     def check_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         weights = [t for t in (_local(p) for p in self.model.parameters()) if t.numel()]
-        return weights, [b for _, b in named_persistent_buffers(self.model) if b.is_floating_point() or b.is_complex()]
+        return weights, persistent_buffers(self.model)
 
     def bad(self, threshold: float, *, grads: bool) -> BadTensors:
         named = ((n, _local(p.grad) if grads and p.grad is not None else None if grads else _local(p))
@@ -89,56 +91,32 @@ class FSDP2Backend:
         return named + [(f"buffer.{n}", b) for n, b in named_persistent_buffers(self.model)]
 
     def capture(self, *, copy: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        live, aliases = unique(self._named_state())
-        tensors = {n: to_cpu(t, copy) for n, t in live.items()}
-        scalars: dict[str, dict[str, Any]] = {}
-        if self.optimizer is not None:
-            for p in self._params():
-                name = self.names[id(p)]
-                for key, value in self.optimizer.state.get(p, {}).items():
-                    if isinstance(value, torch.Tensor):
-                        tensors[f"optim.{name}.{key}"] = to_cpu(_local(value), copy)
-                    else:
-                        scalars.setdefault(name, {})[key] = value
+        states = ((self.names[id(p)], self.optimizer.state.get(p, {})) for p in self._params()) \
+            if self.optimizer is not None else ()
+        tensors, aliases, scalars = capture_shard(self._named_state(), states, copy=copy, local=_local)
         return tensors, {"backend": "fsdp2", "aliases": aliases, "optimizer_scalars": scalars}
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         if meta.get("backend") != "fsdp2":
             raise ValueError(f"snapshot is of a {meta.get('backend', 'plain')} model, this one is FSDP2-sharded")
-        live, _ = unique(self._named_state())
-        missing = sorted(set(live) - set(tensors))
-        if missing:
-            raise ValueError(f"snapshot lacks {missing[:5]} of this model's shards")
         with torch.no_grad():
-            for name, t in live.items():
-                copy_into(t, tensors[name], name)
-            if self.optimizer is not None:
-                self._restore_optimizer(tensors, meta.get("optimizer_scalars", {}))
-
-    def _restore_optimizer(self, tensors: dict[str, torch.Tensor], scalars: dict[str, dict[str, Any]]) -> None:
-        dtensor = _dtensor_types()[0]
-        for p in self._params():
-            name = self.names[id(p)]
-            prefix = f"optim.{name}."
-            saved: dict[str, Any] = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            saved.update(scalars.get(name, {}))
-            if not saved:  # the snapshot predates the first update: the optimizer starts afresh
-                self.optimizer.state.pop(p, None)
-                continue
-            state = self.optimizer.state.setdefault(p, {})
-            for key, value in saved.items():
-                current = state.get(key)
-                if not isinstance(value, torch.Tensor):
-                    state[key] = value
-                elif isinstance(current, torch.Tensor):
-                    copy_into(_local(current), value, prefix + key)
-                elif value.dim() == 0:  # a step count: plain, as the optimizer keeps it
-                    state[key] = value.clone()
-                else:  # a moment the live optimizer has not created yet: shaped and placed like the parameter
-                    local = value.to(_local(p).device, copy=True)
-                    state[key] = dtensor.from_local(local, p.device_mesh, p.placements, shape=p.shape,
-                                                    stride=p.stride())
+            restore_live(self._named_state(), tensors, "this model's shards")
+            if self.optimizer is None:
+                return
+            saved = saved_optimizer_states(tensors, meta.get("optimizer_scalars", {}))
+            for p in self._params():
+                restore_optimizer_state(self.optimizer.state, p, saved.get(self.names[id(p)]),
+                                        lambda v, p=p: _like(p, v), local=_local)
 
     def replica_tensors(self) -> list[torch.Tensor]:
         return []
 
+
+def _like(param: torch.Tensor, saved: torch.Tensor) -> torch.Tensor:
+    """An optimizer-state entry the live optimizer has not created yet: a step count stays plain (as the optimizer
+    keeps it), a moment is shaped and placed like its parameter."""
+    if saved.dim() == 0:
+        return saved.clone()
+    dtensor = _dtensor_types()[0]
+    return dtensor.from_local(saved.to(_local(param).device, copy=True), param.device_mesh, param.placements,
+                              shape=param.shape, stride=param.stride())

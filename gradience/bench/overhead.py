@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -280,9 +279,9 @@ def _host_syncs(model, optimizer, batches, train_step, out: Path) -> float:
 
 
 def _machine(device: torch.device) -> str:
-    cpu = f"{platform.platform()}, {platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}"
-    gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
-    return f"{cpu}, {torch.get_num_threads()} thread(s){gpu}"
+    from gradience.bench.spectral import machine
+
+    return machine() + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
 
 
 def _print(r: dict[str, Any]) -> None:
