@@ -79,17 +79,31 @@ def unpack(vec: torch.Tensor, report: ProbeReport, world_size: int) -> Verdict:
     )
 
 
-def agree(report: ProbeReport, comm: Comm) -> Verdict:
-    """One all-reduce; every rank returns the same Verdict.
+def agree(report: ProbeReport, comm: Comm, tick: int | None = None) -> Verdict:
+    """One all-reduce; every rank returns the same Verdict (``tick``: the guard's clock, carried along).
 
     Raises ConsensusTimeout if a peer is missing and CollectiveMismatch if the ranks are in different checks.
     """
+    if comm.world_size == 1:
+        return alone(report, tick)
     vec = pack(report, comm.rank, comm.world_size)
-    if comm.world_size > 1:
-        kind = "check:grads" if report.phase is Phase.GRADS else "check:step"
-        vec = comm.all_reduce_max(vec, kind=kind, step=report.step)
+    kind = "check:grads" if report.phase is Phase.GRADS else "check:step"
+    vec = comm.all_reduce_max(vec, kind=kind, step=report.step)
     verdict = unpack(vec, report, comm.world_size)
     if verdict.replica_divergence and not verdict.faulty_ranks:
         # No rank saw a fault of its own: which replica is "right" is unknowable, so every rank is suspect.
         verdict = dataclasses.replace(verdict, faulty_ranks=tuple(range(comm.world_size)))
-    return verdict
+    return verdict if tick is None else dataclasses.replace(verdict, tick=tick)
+
+
+def alone(report: ProbeReport, tick: int | None = None) -> Verdict:
+    """The Verdict of a group of one: what ``unpack(pack(report))`` gives, without the round trip through a
+    tensor (it runs twice per step)."""
+    spec = {name: getattr(report, name) for name in _SPEC}
+    return Verdict(
+        phase=report.phase, step=report.step, world_size=1, tick=tick,
+        faulty_ranks=(0,) if report.faulty else (),
+        grad_norm=report.grad_norm, weight_norm=report.weight_norm,
+        **{name: getattr(report, name) for name in _FLAGS},
+        **{name: None if v is None or math.isnan(v) or v == -math.inf else v for name, v in spec.items()},
+    )

@@ -24,6 +24,7 @@ from gradience.effects import Effects
 from gradience.errors import ConfigError, SnapshotError
 from gradience.guardrails import ProbeHealth, detect_scaler, install_sigterm, refuse_inside_join, unscale, watch_join
 from gradience.lr import LRScale, unwrap_optimizer, unwrap_scheduler
+from gradience.norms import TotalNorm
 from gradience.probe import probe_grad_tensors, probe_step
 from gradience.recovery import Recovery, Target, check_replicas
 from gradience.reports import Reports
@@ -85,6 +86,8 @@ class GradienceController(Reports, Effects):
         self.resumed_step: int | None = None
         self._prior = self.state
         self._pending_verified = True
+        #: Plans of the per-step norm passes (gradients, weights, buffers), kept between steps.
+        self._norms = (TotalNorm(), TotalNorm(), TotalNorm())
 
     # ------------------------------------------------------------------------------------------ set-up
     def initialize(
@@ -223,8 +226,8 @@ class GradienceController(Reports, Effects):
 
         def probe() -> ProbeReport:
             overflow = unscale(scaler, optimizer)
-            report = probe_grad_tensors(source.gate_tensors(), step=step,
-                                        threshold=self.config.guard_violation_threshold, loss=loss)
+            report = probe_grad_tensors(source.gate_tensors(), step=step, loss=loss, norm=self._norms[0] if own
+                                        else None, threshold=self.config.guard_violation_threshold)
             if overflow:  # inf/NaN explained by the loss scale: the scaler skips this step and lowers it
                 report = dataclasses.replace(report, nonfinite_grads=False, violation_grads=False,
                                              scaler_overflow=True)
@@ -275,11 +278,12 @@ class GradienceController(Reports, Effects):
             tensors = self.backend.check_tensors() if model in (None, self.model) else None
             report = self._probe(Phase.STEP, step, lambda: probe_step(
                 loss, model, tensors=tensors, step=step, threshold=self.config.guard_violation_threshold,
-                update_skipped=skipped, with_fingerprint=fingerprint))
+                update_skipped=skipped, with_fingerprint=fingerprint,
+                norms=self._norms[1:] if tensors is not None else None))
         self.last_loss = report.loss
         if self._spectral is not None and policy.spectral_due(tick, self.config, self.state):
             report = dataclasses.replace(report, **self._spectral.measure())
-        verdict = dataclasses.replace(self._agree(report), tick=tick)
+        verdict = self._agree(report, tick)
         self._note_probe_errors(Phase.STEP, step, verdict)
         self._prior = self.state
         self.state, decision = policy.decide(self.state, verdict, self.config)
@@ -341,8 +345,8 @@ class GradienceController(Reports, Effects):
         if event is not None:
             self.telemetry.emit("probe_error", step=step, phase=phase, **self._blame(verdict), **event)
 
-    def _agree(self, report: ProbeReport) -> Verdict:
-        return self._collective(report.step, agree, report, self.comm)
+    def _agree(self, report: ProbeReport, tick: int | None = None) -> Verdict:
+        return self._collective(report.step, agree, report, self.comm, tick)
 
     def _spectral_reduce(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """A SUM over the ranks holding the shards, for a sharded spectral probe (None when nothing is sharded)."""

@@ -1,24 +1,13 @@
 """Local health checks of one rank: NaN/Inf and magnitude of loss, gradients, weights and persistent buffers,
 a replica fingerprint, and the slow per-tensor diagnostics that name the offenders. No collectives.
 
-Each check is one fused pass over the tensors and one host sync, because a per-tensor ``isfinite().item()``
-loop costs tens of percent of a GPU step. The fused pass computes per-tensor L2 norms (the kernel gradient
-clipping uses; on CPU 7x faster than the inf-norm). NaN and Inf propagate through them, and max|x| <= ||x||_2,
-so a norm within the threshold proves there is no violation. Only when a norm exceeds the threshold (or
-overflows) is the exact max|x| computed.
-
-Every dtype a model can hold is handled by one rule (:func:`_values`, :func:`_group_norms`):
-
-* float32/float16/bfloat16: the fused kernel accumulates in float32 (``dtype=`` upcasts, no copies);
-  float64 stays float64 (the kernel refuses to narrow it, and a float64 weight may legitimately exceed the
-  float32 range); float8 has no norm kernel and is upcast to float32 one tensor at a time.
-* complex: checked through :func:`torch.view_as_real` (a NaN/Inf component is a NaN/Inf number and
-  ``|z|^2 = re^2 + im^2``, so the L2 screen is unchanged); the threshold applies to the magnitude ``|z|``.
-* integer, bool, quantized and packed float4 tensors are skipped: they have no NaN/Inf encoding, and
-  integer weights are quantization codes whose magnitude is not the magnitude of the weight they encode.
-
-Norms are grouped by (device, dtype): an all-float32 (or all-bf16) model is one kernel call per device.
-Host values are float64, so the threshold comparison never sees a narrowing artefact.
+Each check is one pass over the tensors and one host sync, because a per-tensor ``isfinite().item()`` loop
+costs tens of percent of a GPU step. The pass computes the total L2 norm (:class:`gradience.norms.TotalNorm`:
+the norm gradient clipping reports, reduced the cheapest way for the device). NaN and Inf propagate through
+it, and max|x| <= ||x||_2, so a norm within the threshold proves there is no violation. Only when the norm
+exceeds the threshold (or overflows) is the exact max|x| computed, per tensor. The dtype rules (integers
+skipped, float64 kept wide, complex by magnitude, float8 upcast) are :mod:`gradience.norms`'s; host values are
+float64, so the threshold comparison never sees a narrowing artefact.
 """
 
 from __future__ import annotations
@@ -29,16 +18,13 @@ from typing import TypedDict
 
 import torch
 
+from gradience.norms import TotalNorm, max_abs, total_norm
+from gradience.norms import values as _values
 from gradience.types import Phase, ProbeReport
 
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32}
 # 2**52: fingerprints must survive a float64 round trip through the all-reduce exactly.
 _FP_MOD = 1 << 52
-# Dtypes the fused kernel reads directly: float64 in float64, the others accumulated in float32.
-_DIRECT = frozenset((torch.float32, torch.float16, torch.bfloat16, torch.float64))
-_STRIDED = torch.strided
-# Floating dtypes without NaN/Inf encodings and no elementwise kernels (E2M1: |x| <= 6 by construction).
-_UNCHECKABLE = frozenset(getattr(torch, n) for n in ("float4_e2m1fn_x2",) if hasattr(torch, n))
 
 
 class BadTensors(TypedDict):
@@ -52,85 +38,9 @@ class BadTensors(TypedDict):
     skipped: list[str]
 
 
-def _values(t: torch.Tensor | None) -> torch.Tensor | None:
-    """The dense values of ``t`` that can hold NaN, or None when there are none (integer, bool, empty)."""
-    if t is None:
-        return None
-    if t.layout is torch.sparse_coo:
-        t = t.coalesce()._values()  # coalesced: duplicate indices add up to the real element
-    elif t.layout is not torch.strided:
-        t = t.values()  # compressed sparse layouts hold no duplicates
-    dt = t.dtype
-    if not (dt.is_floating_point or dt.is_complex) or dt in _UNCHECKABLE or not t.numel():
-        return None
-    return t
-
-
-@torch.no_grad()
-def _group_norms(tensors: Iterable[torch.Tensor | None], ord: float) -> list[torch.Tensor]:
-    """Per-tensor ``ord``-norms, one 1-d tensor per (device, dtype) group; no host sync.
-
-    Tensors that cannot hold NaN are left out. Norms are float32 for 32-bit and narrower floats and float64
-    for float64/complex128; for complex tensors they are the norms of the (re, im) components.
-    """
-    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    for t in tensors:
-        if t is None:
-            continue
-        dt = t.dtype
-        if dt not in _DIRECT or t.layout is not _STRIDED:  # rare: sparse, complex, float8, integer, ...
-            t = _values(t)
-            if t is None:
-                continue
-            if t.is_complex():
-                t = torch.view_as_real(t)
-            dt = t.dtype
-        key = (t.device, dt)
-        group = groups.get(key)
-        if group is None:
-            group = groups[key] = []
-        group.append(t)
-    out = []
-    for (_, dtype), group in groups.items():
-        if dtype is torch.float64:
-            norms = torch._foreach_norm(group, ord)
-        elif dtype in _DIRECT:
-            norms = torch._foreach_norm(group, ord, dtype=torch.float32)
-        else:  # float8: no norm kernel. One upcast copy at a time keeps peak memory at one tensor.
-            norms = [torch.linalg.vector_norm(t.float(), ord) for t in group]
-        out.append(torch.stack(norms))
-    return out
-
-
-def _largest_norm(tensors: Sequence[torch.Tensor], ord: float) -> torch.Tensor:
-    """Largest per-tensor ``ord``-norm as a 0-d float64 tensor (0 when nothing can hold NaN); no host sync."""
-    parts = [norms.max() for norms in _group_norms(tensors, ord)]
-    if not parts:
-        return torch.zeros((), dtype=torch.float64)
-    first = parts[0].device
-    # max() propagates NaN, which is exactly the signal we want to keep.
-    parts = [p.to(first, torch.float64) for p in parts]
-    return torch.stack(parts).max() if len(parts) > 1 else parts[0]
-
-
-def max_abs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Max |x| over all real components (NaN if any is NaN) as a 0-d float64 tensor; no host sync.
-
-    Exact for every floating dtype: a maximum of absolute values cannot overflow the dtype it is taken in.
-    For complex tensors this is the largest component, not the largest magnitude (see :func:`screen`).
-    """
-    return _largest_norm(tensors, math.inf)
-
-
-def norm_max(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Largest per-tensor L2 norm (NaN if an element is NaN, inf if one is inf or the norm overflowed its
-    accumulation dtype) as a 0-d float64 tensor; no host sync."""
-    return _largest_norm(tensors, 2.0)
-
-
 @torch.no_grad()
 def screen(tensors: Sequence[torch.Tensor], norm: float, threshold: float) -> tuple[bool, bool]:
-    """(non-finite, violation) from a :func:`norm_max` value, computing the exact max|x| only if needed.
+    """(non-finite, violation) from a :func:`~gradience.norms.TotalNorm` value, computing the exact max|x| only if needed.
 
     A NaN norm is always a NaN element; an infinite one may be an overflow of finite elements, so it falls
     through to the exact pass like any norm above the threshold.
@@ -187,45 +97,57 @@ def probe_grads(params: Iterable[torch.nn.Parameter], *, step: int, threshold: f
 
 
 def probe_grad_tensors(grads: Sequence[torch.Tensor], *, step: int, threshold: float,
-                       loss: torch.Tensor | float | None = None) -> ProbeReport:
+                       loss: torch.Tensor | float | None = None, norm: TotalNorm | None = None) -> ProbeReport:
     """:func:`probe_grads` over gradient tensors themselves (a sharded backend's partitions). ``loss`` (for the
-    spike rule: its mean) is read back in the same host sync as the norm."""
-    norm = norm_max(grads)
-    stats = _loss_stats(loss, norm.device) if loss is not None else None
-    if stats is not None:
-        value, mean = torch.stack([norm, stats[0]]).tolist()
-    else:
-        value, mean = float(norm), None
+    spike rule: its mean) is read back in the same host sync as the norm; ``norm`` keeps the pass's plan
+    between steps (pass the same one every step)."""
+    squares = (norm or TotalNorm()).squares(grads)
+    reads = _loss_reads(loss)
+    host = _read(squares + reads) if squares or reads else []
+    value = math.sqrt(sum(host[:len(squares)]))
     nonfinite, violation = screen(grads, value, threshold)
-    return ProbeReport(
-        phase=Phase.GRADS,
-        step=step,
-        nonfinite_grads=nonfinite,
-        violation_grads=violation,
-        grad_norm=value,
-        loss=mean,
-    )
+    return ProbeReport(phase=Phase.GRADS, step=step, nonfinite_grads=nonfinite, violation_grads=violation,
+                       grad_norm=value, loss=_loss_values(loss, host[len(squares):])[0])
 
 
-def _loss_stats(loss: torch.Tensor | float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(mean, max |element|) of the loss as 0-d float64 tensors on ``device``; None for an empty loss.
+def _read(parts: list[torch.Tensor]) -> list[float]:
+    """Host values of 0-d tensors in one sync (float64 when their dtypes or devices differ)."""
+    first = parts[0]
+    dtype, device = first.dtype, first.device
+    for p in parts:
+        if p.dtype is not dtype or p.device != device:
+            return torch.stack([p.to(device, torch.float64) for p in parts]).tolist()
+    return torch.stack(parts).tolist()
+
+
+def _loss_reads(loss: torch.Tensor | float | None) -> list[torch.Tensor]:
+    """What the host sync reads of the loss: nothing (None, a number, an empty tensor), its one element, or
+    (mean, max|element|).
 
     Every element is checked (a per-sample loss may hold one NaN); float64 never narrows; complex counts
     by magnitude; integers are finite by construction.
     """
     if not isinstance(loss, torch.Tensor):
-        v = torch.tensor(float(loss), dtype=torch.float64, device=device)
-        return v, v.abs()
+        return []
     t = loss.detach()
-    if t.numel() == 1 and t.is_floating_point():  # the common case, in two ops
-        v = t.reshape(()).to(device, torch.float64)
-        return v, v.abs()
+    if t.numel() == 1 and t.is_floating_point():  # the common case: read as is
+        return [t.reshape(())]
     if t.is_complex():
         t = t.to(torch.complex128).abs()
-    t = t.to(device, torch.float64).reshape(-1)
-    if not t.numel():
-        return None
-    return t.mean(), t.abs().max()
+    t = t.to(torch.float64).reshape(-1)
+    return [t.mean(), t.abs().max()] if t.numel() else []
+
+
+def _loss_values(loss: torch.Tensor | float | None, host: list[float]) -> tuple[float | None, float]:
+    """(mean or None, max |element|, 0 when there is none) from what :func:`_loss_reads` had read."""
+    if loss is None:
+        return None, 0.0
+    if not isinstance(loss, torch.Tensor):
+        v = float(loss)
+        return v, abs(v)
+    if len(host) == 1:
+        return host[0], abs(host[0])
+    return (host[0], host[1]) if host else (None, 0.0)
 
 
 def probe_step(
@@ -237,22 +159,25 @@ def probe_step(
     threshold: float,
     update_skipped: bool = False,
     with_fingerprint: bool = False,
+    norms: tuple[TotalNorm, TotalNorm] | None = None,
 ) -> ProbeReport:
     """Check loss, parameters and persistent buffers after the optimizer step, with one host sync for all
-    of them (and the fingerprint) unless a parameter norm exceeds ``threshold``.
+    of them (and the fingerprint) unless the parameters' norm exceeds ``threshold``.
 
     Parameters: NaN/Inf and magnitude. Buffers: NaN only (a -inf attention mask or a large running variance
-    is legitimate). ``tensors`` = (weights, buffers) replaces the model's (a sharded backend's partitions).
+    is legitimate). ``tensors`` = (weights, buffers) replaces the model's (a sharded backend's partitions);
+    ``norms`` = (weights', buffers') plans kept between steps.
     """
     params, buffers = tensors if tensors is not None else (parameters(model), persistent_buffers(model))
-    device = params[0].device if params else (buffers[0].device if buffers else torch.device("cpu"))
-    stats = _loss_stats(loss, device) if loss is not None else None
-    zero = torch.zeros((), dtype=torch.float64, device=device)
-    packed = [*(stats or (zero, zero)), norm_max(params).to(device), norm_max(buffers).to(device)]
+    wn, bn = norms or (TotalNorm(), TotalNorm())
+    w_sq, b_sq, reads = wn.squares(params), bn.squares(buffers) if buffers else [], _loss_reads(loss)
+    parts = w_sq + b_sq + reads
     if with_fingerprint:
-        packed.append(fingerprint_tensor(params).to(device, torch.float64))  # < 2**52: exact in float64
-    host = torch.stack(packed).tolist()
-    loss_mean, loss_max, wv, bv = host[:4]
+        parts.append(fingerprint_tensor(params).to(torch.float64))  # < 2**52: exact in float64
+    host = _read(parts) if parts else []
+    i, j, k = len(w_sq), len(w_sq) + len(b_sq), len(w_sq) + len(b_sq) + len(reads)
+    wv, bv = math.sqrt(sum(host[:i])), sum(host[i:j])
+    loss_mean, loss_max = _loss_values(loss, host[j:k])
     nonfinite, violation = screen(params, wv, threshold)
     return ProbeReport(
         phase=Phase.STEP,
@@ -264,8 +189,8 @@ def probe_step(
         violation_weights=violation,
         update_skipped=update_skipped,
         weight_norm=wv,
-        loss=loss_mean if stats is not None else None,
-        fingerprint=float(int(host[4])) if with_fingerprint else None,
+        loss=loss_mean,
+        fingerprint=float(int(host[k])) if with_fingerprint else None,
     )
 
 
@@ -304,7 +229,7 @@ def _offends(t: torch.Tensor | None, threshold: float, nan_only: bool) -> bool:
     v = _values(t)
     if v is None:
         return False
-    norm = float(norm_max([v]))
+    norm = float(total_norm([v]))
     if nan_only:
         return math.isnan(norm)
     return any(screen([v], norm, threshold))

@@ -261,18 +261,34 @@ class SignalStats:
     running_max: float | None = None
     #: Accepted values ever: the warm-up clock (it keeps counting once ``values`` is full).
     count: int = 0
+    #: Mean and sum of squared deviations of ``values``, kept up to date one value at a time (a sliding
+    #: Welford update, recomputed exactly every ``window`` values so rounding cannot drift); derived, not saved.
+    mean: float | None = field(default=None, compare=False, repr=False)
+    m2: float | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.values and (self.mean is None or self.m2 is None):
+            mean, m2 = _exact_moments(self.values)
+            object.__setattr__(self, "mean", mean)
+            object.__setattr__(self, "m2", m2)
 
     def to_dict(self) -> dict:
-        """JSON-ready form."""
-        return {"values": list(self.values), "running_max": self.running_max, "count": self.count}
+        """JSON-ready form; the moments go along (when finite) so a restored state continues bit for bit."""
+        out = {"values": list(self.values), "running_max": self.running_max, "count": self.count}
+        if self.values and math.isfinite(self.mean) and math.isfinite(self.m2):
+            out["moments"] = [self.mean, self.m2]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> SignalStats:
         """Inverse of :meth:`to_dict`; unknown keys are rejected."""
-        _reject_unknown(cls, data)
+        unknown = set(data) - {"values", "running_max", "count", "moments"}
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s): {sorted(unknown)}")
         running_max = data.get("running_max")
+        mean, m2 = (float(v) for v in data["moments"]) if "moments" in data else (None, None)
         return cls(values=tuple(float(v) for v in data.get("values", ())), count=int(data.get("count", 0)),
-                   running_max=None if running_max is None else float(running_max))
+                   running_max=None if running_max is None else float(running_max), mean=mean, m2=m2)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -351,7 +367,7 @@ def check_spike(state: SpikeState, *, loss: float | None, grad_norm: float | Non
 def _test(stats: SignalStats, value: float, signal: str, rule: SpikeRule) -> SpikeVerdict:
     if stats.count < rule.warmup:
         return SpikeVerdict()
-    mean, std = _mean_std(stats.values, rule)
+    mean, std = _mean_std(stats, rule)
     found = dict(signal=signal, value=value, mean=mean, std=std, running_max=stats.running_max,
                  samples=len(stats.values))
     if rule.zscore and mean is not None and std is not None:
@@ -366,21 +382,37 @@ def _test(stats: SignalStats, value: float, signal: str, rule: SpikeRule) -> Spi
     return SpikeVerdict()
 
 
-def _mean_std(values: tuple[float, ...], rule: SpikeRule) -> tuple[float | None, float | None]:
-    """Mean and sample std (floored by the rule) of ``values``; (None, None) with fewer than 2."""
-    n = len(values)
+def _mean_std(stats: SignalStats, rule: SpikeRule) -> tuple[float | None, float | None]:
+    """Mean and sample std (floored by the rule) of the accepted window; (None, None) with fewer than 2."""
+    n = len(stats.values)
     if n < 2:
         return None, None
-    # Two passes over at most ``window`` values: stable, and in a fixed order, so bit-identical on every rank.
-    # Plain sums, not fsum: fsum raises on intermediate overflow, while inf here just makes a bar nothing crosses.
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, max(std, rule.min_std, rule.min_rel_std * abs(mean))
+    std = math.sqrt(max(stats.m2, 0.0) / (n - 1))
+    return stats.mean, max(std, rule.min_std, rule.min_rel_std * abs(stats.mean))
+
+
+def _exact_moments(values: tuple[float, ...]) -> tuple[float, float]:
+    """(mean, sum of squared deviations) in two passes, in a fixed order: bit-identical on every rank.
+    Plain sums, not fsum: fsum raises on intermediate overflow, while inf here just makes a bar nothing crosses."""
+    mean = sum(values) / len(values)
+    return mean, sum((v - mean) ** 2 for v in values)
 
 
 def _accept(stats: SignalStats, value: float, window: int) -> SignalStats:
     running_max = value if stats.running_max is None else max(stats.running_max, value)
-    return SignalStats(values=(stats.values + (value,))[-window:], running_max=running_max, count=stats.count + 1)
+    old, count = stats.values, stats.count + 1
+    values = (old + (value,))[-window:]
+    if count % window == 0 or not old or not math.isfinite(stats.m2):
+        mean, m2 = _exact_moments(values)
+    elif len(old) < window:  # the window grows: Welford
+        delta = value - stats.mean
+        mean = stats.mean + delta / len(values)
+        m2 = stats.m2 + delta * (value - mean)
+    else:  # the window slides: the oldest value leaves as this one enters
+        gone = old[0]
+        mean = stats.mean + (value - gone) / window
+        m2 = stats.m2 + (value - gone) * (value - mean + gone - stats.mean)
+    return SignalStats(values=values, running_max=running_max, count=count, mean=mean, m2=m2)
 
 
 def _finite_float(value: object) -> float | None:

@@ -70,8 +70,8 @@ class ProbeReport:
     update_skipped: bool = False
     #: A GradScaler found inf/NaN: the scaler skips this update by design (not a fault).
     scaler_overflow: bool = False
-    #: Largest per-tensor L2 norm of the gradients / parameters: NaN if an element is NaN; +inf if an
-    #: element is inf or the norm overflowed.
+    #: Total L2 norm of this rank's gradients / parameters (the verdict holds the largest over ranks): NaN if
+    #: an element is NaN; +inf if an element is inf or the norm overflowed.
     grad_norm: float = 0.0
     weight_norm: float = 0.0
     #: This rank's loss as reported by the loop (None if not given or the probe failed).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -328,3 +329,28 @@ def test_background_snapshots_commit_and_abandon_in_lockstep(groups2, tmp_path):
     assert snaps[:4] == [(-1, True), (0, True), (5, True), (10, False)]  # 10 was in flight at the fault
     assert [a[2] for a in per_rank[0] if a[0] == "rollback_success"] == [5]
     assert all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_group_of_one_reaches_the_verdict_the_all_reduce_encoding_gives(seed):
+    import math
+    import random
+
+    from gradience.consensus import alone, pack, unpack
+
+    rng = random.Random(seed)
+    pick = lambda *xs: xs[rng.randrange(len(xs))]  # noqa: E731
+    report = ProbeReport(
+        phase=pick(Phase.GRADS, Phase.STEP), step=rng.randrange(100), nonfinite_grads=pick(False, True),
+        violation_weights=pick(False, True), update_skipped=pick(False, True), scaler_overflow=pick(False, True),
+        grad_norm=pick(0.0, 3.5, math.inf, math.nan), weight_norm=pick(1.0, math.nan),
+        loss=pick(None, 2.5, math.nan, -math.inf), fingerprint=pick(None, 12345.0),
+        spectral_kappa=pick(None, 0.3), stable_rank=pick(None, 4.0))
+    via_tensor = unpack(pack(report, 0, 1), report, 1)
+    local = alone(report)
+
+    def same(a, b):
+        return (a is None and b is None) or a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b))
+
+    for field in dataclasses.fields(via_tensor):
+        assert same(getattr(local, field.name), getattr(via_tensor, field.name)), field.name

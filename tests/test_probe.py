@@ -1,5 +1,8 @@
 """The fused probe: an L2-norm screen with an exact max|x| fallback must give max|x| semantics."""
 
+import math
+
+import pytest
 import torch
 
 from gradience.probe import probe_grads, probe_step
@@ -47,3 +50,42 @@ def test_loss_checks():
     assert probe_step(torch.tensor(float("nan")), m, step=0, threshold=1e6).nonfinite_loss
     assert probe_step(-2e6, m, step=0, threshold=1e6).violation_loss
     assert probe_step(torch.tensor([3.5]), m, step=0, threshold=1e6).loss == 3.5
+
+
+def _exact_total(tensors):
+    parts = [torch.view_as_real(t) if t.is_complex() else t for t in tensors
+             if t.is_floating_point() or t.is_complex()]
+    return float(torch.linalg.vector_norm(torch.cat([p.reshape(-1).double() for p in parts])))
+
+
+def test_total_norm_keeps_its_plan_across_steps_and_replans_when_the_tensors_change():
+    from gradience.norms import TotalNorm
+
+    torch.manual_seed(0)
+    small = [torch.randn(16, 8) for _ in range(6)] + [torch.randn(3)]
+    norm = TotalNorm()
+    assert float(norm(small)) == pytest.approx(_exact_total(small), rel=1e-6)
+    small[2].mul_(3.0)  # same tensors, new values: read afresh
+    assert float(norm(small)) == pytest.approx(_exact_total(small), rel=1e-6)
+    fresh = [t.clone() * 2 for t in small]  # new tensor objects of the same shapes (gradients each step)
+    assert float(norm(fresh)) == pytest.approx(_exact_total(fresh), rel=1e-6)
+    fresh[0] = fresh[0].to(torch.float64)  # a dtype changed under the plan: a second group
+    assert float(norm(fresh)) == pytest.approx(_exact_total(fresh), rel=1e-6)
+    mixed = [torch.randn(4, 4, dtype=torch.bfloat16), torch.randn(5, dtype=torch.complex64), torch.arange(6),
+             torch.tensor(2.0), torch.randn(300, 300)]  # bf16, complex, integer (skipped), 0-d, a large tensor
+    assert float(norm(mixed)) == pytest.approx(_exact_total(mixed), rel=1e-3)
+    mixed[3] = torch.tensor(float("nan"))
+    assert math.isnan(float(norm(mixed)))
+    assert float(norm([torch.arange(3)])) == 0.0
+
+
+def test_the_total_norm_screen_catches_one_inf_among_many_tensors_with_the_flat_copy():
+    from gradience.norms import TotalNorm
+
+    tensors = [torch.ones(8, 8) for _ in range(30)]
+    norm = TotalNorm()
+    assert float(norm(tensors)) == pytest.approx(math.sqrt(30 * 64))
+    tensors[17][3, 3] = float("inf")
+    assert float(norm(tensors)) == math.inf
+    tensors[17][3, 3] = -float("inf")
+    assert float(norm(tensors)) == math.inf

@@ -24,6 +24,8 @@ from gradience.risk import (
     SpikeRule,
     SpikeState,
     SpikeVerdict,
+    _accept,
+    _mean_std,
     append_history,
     check_spike,
     classify,
@@ -510,3 +512,21 @@ def test_spike_rule_reads_only_what_it_is_given():
                  in enumerate(series)]
     assert fires(with_gaps) == []
     assert dataclasses.replace(SpikeRule(), on_loss=False, on_grad_norm=False).enabled("loss") is False
+
+
+def test_the_spike_windows_running_moments_stay_the_exact_two_pass_ones():
+    # The window's mean and std are kept up to date one value at a time; over thousands of steps (many slides
+    # and exact recomputations, a level shift, a large offset) they must stay the two-pass values.
+    rng = random.Random(5)
+    rule = SpikeRule(window=32, warmup=0, sigmas=1e9, ratio=False)
+    stats = SignalStats()
+    for i in range(3000):
+        value = (1e4 if i > 1500 else 3.0) + rng.gauss(0, 0.01 if i % 7 else 0.5)
+        stats = _accept(stats, value, rule.window)
+        n = len(stats.values)
+        if n >= 2:
+            mean = sum(stats.values) / n
+            std = math.sqrt(sum((v - mean) ** 2 for v in stats.values) / (n - 1))
+            got_mean, got_std = _mean_std(stats, SpikeRule(window=32, min_std=0.0, min_rel_std=0.0))
+            assert got_mean == pytest.approx(mean, rel=1e-12)
+            assert got_std == pytest.approx(std, rel=1e-6, abs=1e-9)

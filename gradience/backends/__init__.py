@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from gradience.probe import BadTensors, grad_tensors, parameters, persistent_buffers
+from gradience.probe import BadTensors, parameters, persistent_buffers
 from gradience.state import capture_state, restore_state
 
 __all__ = ["PlainBackend", "StateBackend", "capture_shard", "copy_into", "default_backend", "restore_live",
@@ -34,7 +34,8 @@ class StateBackend(Protocol):
     spectral_model: torch.nn.Module | None
 
     def gate_tensors(self) -> list[torch.Tensor]:
-        """This rank's gradients, as the update will consume them, for the gradient gate."""
+        """This rank's gradients, as the update will consume them, for the gradient gate (tensors that cannot
+        hold NaN may be among them)."""
 
     def close_gate(self) -> None:
         """Make the coming optimizer update a no-op, leaving weights and optimizer state bitwise unchanged."""
@@ -73,7 +74,9 @@ class PlainBackend:
         self._cached: tuple[list[torch.nn.Parameter], list[torch.Tensor], list[torch.Tensor]] | None = None
 
     def gate_tensors(self) -> list[torch.Tensor]:
-        return grad_tensors(self._lists()[0])
+        # The raw gradients: the norm pass itself skips what holds no NaN (integers, empties) and reads sparse
+        # values, and a filtering walk here would cost as much as the pass on a small model.
+        return [g for g in (p.grad for p in self._lists()[0]) if g is not None]
 
     def close_gate(self) -> None:
         # Dropped gradients make even an unconditional optimizer.step() a no-op for these parameters.
