@@ -175,6 +175,24 @@ class TorchComm:
         self._run(kind, lambda: self.group.allreduce([buf], opts))
         return buf.to(values.device)
 
+    def all_reduce_device_max(self, values: torch.Tensor) -> None:
+        """MAX all-reduce in place of a tensor on the group's device, framed by the caller (the asynchronous
+        verdict). Under NCCL it is only enqueued: the current stream waits for it, the host does not, and the
+        group's timeout (``timeout_s``) bounds it; under gloo it completes within ``timeout_s`` here."""
+        import torch.distributed as dist
+
+        self._refuse_if_broken()
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.MAX
+        if self.device.type == "cpu":
+            self._run("check:grads", lambda: self.group.allreduce([values], opts))
+            return
+        try:
+            self.group.allreduce([values], opts).wait()  # stream order only
+        except RuntimeError as e:
+            self._break(f"check:grads: {e}")
+            raise ConsensusTimeout(f"check:grads on rank {self.rank}/{self.world_size} failed: {e}") from e
+
     def broadcast_(self, tensors: list[torch.Tensor], src: int = 0) -> None:
         """Overwrite dense ``tensors`` on every rank with ``src``'s, bitwise (in place; one framed size check,
         then one byte broadcast; same deadline and refusal rules)."""

@@ -65,6 +65,15 @@ class GradienceConfig:
     fingerprint_interval: int = 0
     """Every this many steps compare a checksum of the parameters across ranks (0 = off)."""
 
+    guard_verdict: str = "auto"
+    """'sync': the host reads every check in its own step (exact same-step detection; two host syncs and, with
+    several ranks, two all-reduces per step). 'async': the gradient gate is decided on the device (the fused
+    optimizer's found_inf), one all-reduce per step, read back one step later: weight faults are acted on one
+    step late (the gate keeps the optimizer state clean meanwhile) and snapshots commit one step after their
+    step. 'auto': async on accelerators when the run allows it, sync on CPUs. Runs that cannot go async (an
+    optimizer without found_inf, a GradScaler, DeepSpeed/FSDP2 state, spike_action='skip', fingerprints, a
+    loop that skips before_optimizer_step) stay sync, and the log says why."""
+
     spectral_enabled: bool = True
     """Compute the spectral probe κ̃ every ``spectral_interval`` steps and the risk level from its trend."""
 
@@ -162,6 +171,8 @@ class GradienceConfig:
             )
         if not (0.0 < self.guard_lr_backoff <= 1.0):
             raise ConfigError(f"guard_lr_backoff must be in (0, 1], got {self.guard_lr_backoff!r}")
+        if self.guard_verdict not in ("auto", "sync", "async"):
+            raise ConfigError(f"guard_verdict must be 'auto', 'sync' or 'async', got {self.guard_verdict!r}")
         if self.guard_snapshot_tier not in SNAPSHOT_TIERS:
             raise ConfigError(f"guard_snapshot_tier must be one of {SNAPSHOT_TIERS}, got {self.guard_snapshot_tier!r}")
         if not (math.isfinite(self.collective_timeout_s) and self.collective_timeout_s > 0):

@@ -20,6 +20,7 @@ from gradience.backends import PlainBackend, StateBackend, default_backend
 from gradience.comm import Comm, default_comm
 from gradience.config import GradienceConfig
 from gradience.consensus import agree
+from gradience.deferred import Deferred, refusal
 from gradience.effects import Effects
 from gradience.errors import ConfigError, SnapshotError
 from gradience.guardrails import ProbeHealth, detect_scaler, install_sigterm, refuse_inside_join, unscale, watch_join
@@ -88,6 +89,9 @@ class GradienceController(Reports, Effects):
         self._pending_verified = True
         #: Plans of the per-step norm passes (gradients, weights, buffers), kept between steps.
         self._norms = (TotalNorm(), TotalNorm(), TotalNorm())
+        #: The asynchronous verdict when this run decides on the device (chosen at the first gate; None: sync).
+        self._deferred: Deferred | None = None
+        self._verdict_chosen = False
 
     # ------------------------------------------------------------------------------------------ set-up
     def initialize(
@@ -223,6 +227,11 @@ class GradienceController(Reports, Effects):
         own = optimizer is self.optimizer and model in (None, self.model)
         source = self.backend if own else PlainBackend(model or self.model, optimizer)
         scaler = scaler if scaler is not None else self._detected_scaler()
+        if not self._verdict_chosen:
+            self._choose_verdict(scaler)
+        if self._deferred is not None and own:
+            self._deferred.gate(source.gate_tensors(), loss, step)
+            return True  # the device skips a bad update; step() reads the verdict
 
         def probe() -> ProbeReport:
             overflow = unscale(scaler, optimizer)
@@ -271,6 +280,13 @@ class GradienceController(Reports, Effects):
         # With fingerprints on, every snapshot is of a state verified equal on all replicas.
         fingerprint = bool(fp_every) and (tick % fp_every == 0 or policy.snapshot_due(tick, self.config))
         skipped, self._skipped_this_step = self._skipped_this_step, False
+        if self._deferred is not None:
+            if self._deferred.pending():
+                return self._step_async(step, loss, tick)
+            logger.warning("Gradience: step() came without before_optimizer_step(); the verdict is synchronous "
+                           "from here on")
+            self._deferred.release()
+            self._deferred = None
         if self._health.off(Phase.STEP):
             fingerprint = False  # nothing compared this step: a snapshot of it is not verified
             report = ProbeReport(phase=Phase.STEP, step=step, update_skipped=skipped)
@@ -285,10 +301,14 @@ class GradienceController(Reports, Effects):
             report = dataclasses.replace(report, **self._spectral.measure())
         verdict = self._agree(report, tick)
         self._note_probe_errors(Phase.STEP, step, verdict)
+        return self._decide_step(step, verdict, verified=fingerprint or not fp_every)
+
+    def _decide_step(self, step: int, verdict: Verdict, *, verified: bool) -> bool:
+        """The policy on a step's agreed verdict, its reactions and reports (sync and async alike)."""
         self._prior = self.state
         self.state, decision = policy.decide(self.state, verdict, self.config)
         if verdict.spectral_kappa is not None:
-            self._spectral.report(step, tick, verdict, self._prior.risk_level, self.state)
+            self._spectral.report(step, verdict.tick, verdict, self._prior.risk_level, self.state)
         if decision.detail and decision.reason is None:  # a reaction to the spectral risk level
             self.telemetry.emit("risk_reaction", step=step, level=self.state.risk_level, detail=decision.detail,
                                 lr_scale=self.state.lr_scale, kappa=verdict.spectral_kappa)
@@ -299,13 +319,60 @@ class GradienceController(Reports, Effects):
             self._monitored_reason = decision.reason
             if decision.reason is not None:
                 self.telemetry.emit("fault", step=step, reason=decision.reason, **self._blame(verdict))
-        self._act(step, verdict, decision, verified=fingerprint or not fp_every)
+        self._act(step, verdict, decision, verified=verified)
         if step % self.config.telemetry_interval == 0:
             self.telemetry.emit("telemetry", step=step, train_loss=self.last_loss, lr=self._lr(),
                                 lr_scale=self.state.lr_scale, weight_norm=verdict.weight_norm,
                                 spectral_kappa=self._spectral.last_kappa if self._spectral else None,
                                 risk_level=self.state.risk_level)
         return not self.halted
+
+    def _step_async(self, step: int, loss: torch.Tensor | float | None, tick: int) -> bool:
+        """``step`` under the asynchronous verdict: act on this step's gradients and the last step's weights
+        (read from the gate's vector), then leave this step's weights' check on the device for the next gate."""
+        d = self._deferred
+        grads, weights = self._collective(step, d.read, self.config.collective_timeout_s)
+        d.release()
+        skipped = grads.fault_reason() is not None or (weights is not None and weights.fault_reason() is not None)
+        self._prior = self.state
+        self.state, decision = policy.decide(self.state, grads, self.config)
+        if decision.reason is Reason.SPIKE and decision.action is Action.CONTINUE:
+            self.telemetry.emit("spike", step=step, action="log", detail=decision.detail, **self._blame(grads))
+        if decision.action is Action.SKIP_STEP:
+            bad = self.backend.bad(self.config.guard_violation_threshold, grads=True)
+            self.telemetry.emit("skip_step", step=step, reason=decision.reason, **self._blame(grads),
+                                grad_norm=grads.grad_norm, bad=bad, detail=decision.detail)
+        elif decision.action is not Action.CONTINUE:
+            self._act(step, grads, decision)  # a rollback or a halt: the weights' verdict is moot
+        if decision.action in (Action.CONTINUE, Action.SKIP_STEP):
+            base = weights or Verdict(phase=Phase.STEP, step=step, world_size=self.comm.world_size)
+            verdict = dataclasses.replace(base, step=step, tick=tick, update_skipped=skipped)
+            self.last_loss = verdict.loss if weights is not None else self.last_loss
+            if self._spectral is not None and policy.spectral_due(tick, self.config, self.state):
+                verdict = dataclasses.replace(verdict, **self._spectral.measure())
+            self._decide_step(step, verdict, verified=True)
+        if not self.halted:
+            weights_now, buffers = self.backend.check_tensors()
+            d.note_step(weights_now, buffers, loss, step, tick)
+        return not self.halted
+
+    def _choose_verdict(self, scaler: Any) -> None:
+        """Pick the synchronous or asynchronous verdict once, at the first gate (every rank alike)."""
+        self._verdict_chosen = True
+        mode = self.config.guard_verdict
+        if mode == "sync" or self.optimizer is None or not self.config.guard_enabled:
+            return
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if mode == "auto" and (not params or params[0].device.type == "cpu"):
+            return
+        why = refusal(self.config, self.optimizer, self.backend, self.comm, scaler)
+        if why is not None:
+            log = logger.warning if mode == "async" else logger.info
+            log("Gradience: guard_verdict=%r: the verdict stays synchronous: %s", mode, why)
+            return
+        self._deferred = Deferred(self.optimizer, self.comm, self.config.guard_violation_threshold)
+        logger.info("Gradience: asynchronous verdict: the gradient gate runs on %s (found_inf), weight faults are "
+                    "acted on one step later", self._deferred.device)
 
     def finalize(self) -> dict[str, Any]:
         """Write ``summary.json`` (group rank 0) and a ``summary`` event; return the summary dict."""
@@ -321,7 +388,9 @@ class GradienceController(Reports, Effects):
         return written
 
     def close(self) -> None:
-        """Release what the controller holds (LR hooks, the guard's process group, the out_dir lock)."""
+        """Release what the controller holds (LR hooks, found_inf, the guard's process group, the out_dir lock)."""
+        if self._deferred is not None:
+            self._deferred.release()
         if self.lr is not None:
             self.lr.close()
         if self.comm is not None and hasattr(self.comm, "close"):

@@ -55,11 +55,15 @@ class Effects:
             elif decision.action is Action.SNAPSHOT or self.steps_seen >= rec.pending_due:
                 self._commit(step)
         if decision.action is Action.SNAPSHOT:
-            self._snapshot(step, background=self.config.guard_snapshot_commit_lag > 0, verified=verified)
+            self._snapshot(step, background=self._commit_lag() > 0, verified=verified)
         elif decision.action is Action.ROLLBACK:
             self._rollback(step, verdict, decision)
         elif decision.action is Action.HALT:
             self._emit_halt(step, verdict, decision)
+
+    def _commit_lag(self) -> int:
+        # Under the asynchronous verdict a step's weights are judged one step later: commit no sooner.
+        return max(self.config.guard_snapshot_commit_lag, 1 if getattr(self, "_deferred", None) else 0)
 
     def _snapshot(self, step: int, *, background: bool, verified: bool = True) -> None:
         sid, self._next_sid = self._next_sid, self._next_sid + 1
@@ -68,7 +72,7 @@ class Effects:
         self.recovery.begin(sid, step, meta, background=background)
         self._pending_verified = verified
         if background:
-            self.recovery.pending_due = self.steps_seen + self.config.guard_snapshot_commit_lag
+            self.recovery.pending_due = self.steps_seen + self._commit_lag()
         else:
             self._commit(step)
 

@@ -14,6 +14,7 @@ synchronisations per steady-state step (``torch.cuda.set_sync_debug_mode``).
 
     python -m gradience.bench overhead                  # tiny GPT-2 on CPU, seed defaults
     python -m gradience.bench overhead --quick --json out.json
+    python -m gradience.bench overhead --fused --verdict async   # gate on the device, verdict one step later
     python -m gradience.bench overhead --device cuda --n-embd 768 --n-layer 12 --n-head 12 --seq 512 --bf16
     torchrun --nproc_per_node 2 -m gradience.bench overhead --fsdp2   # fully_shard model: each rank its shards
 """
@@ -53,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--bf16", action="store_true", help="bf16 weights (GPU runs)")
     p.add_argument("--fused", action="store_true", help="AdamW(fused=True)")
+    p.add_argument("--verdict", choices=("auto", "sync", "async"), default="auto",
+                   help="guard_verdict of every arm (async needs --fused; auto is sync on a CPU)")
     p.add_argument("--block", type=int, default=200, help="steps per timed block (a multiple of 200 keeps "
                                                           "every arm's snapshot count exact)")
     p.add_argument("--blocks", type=int, default=5, help="timed blocks per arm")
@@ -92,14 +95,16 @@ def main(argv: list[str] | None = None) -> int:
                                   "params": sum(p.numel() for p in model.parameters()), "n_embd": args.n_embd,
                                   "n_layer": args.n_layer, "seq": args.seq, "batch": args.batch,
                                   "dtype": "bf16" if args.bf16 else "fp32", "fused": bool(args.fused),
+                                  "verdict": args.verdict,
                                   "fsdp2_ranks": _world() if args.fsdp2 else None}}
     with tempfile.TemporaryDirectory() as tmp:
         result.update(_arms(model, optimizer, batches, train_step, args, device, Path(tmp)))
-        result["fixed"] = None if args.fsdp2 else _fixed_cost(device, Path(tmp) / "fixed", args.block)
+        result["fixed"] = None if args.fsdp2 else _fixed_cost(device, Path(tmp) / "fixed", args.block, args)
         result["rollback"] = _rollbacks(model, optimizer, batches, train_step, device, Path(tmp) / "rb",
                                         2 if args.quick else 5)
         if device.type == "cuda":
-            result["host_syncs_per_step"] = _host_syncs(model, optimizer, batches, train_step, Path(tmp) / "sy")
+            result["host_syncs_per_step"] = _host_syncs(model, optimizer, batches, train_step, Path(tmp) / "sy",
+                                                        args.verdict)
     if rank == 0:
         _print(result)
         if args.json:
@@ -164,7 +169,8 @@ def _block(model, optimizer, batches, train_step, guard, start, device) -> tuple
 def _arms(model, optimizer, batches, train_step, args, device, tmp: Path) -> dict[str, Any]:
     guards = {}
     for name, fields in ARMS:
-        conf = GradienceConfig(out_dir=str(tmp / f"arm{len(guards)}"), telemetry_interval=args.block, **fields)
+        conf = GradienceConfig(out_dir=str(tmp / f"arm{len(guards)}"), telemetry_interval=args.block,
+                               guard_verdict=args.verdict, **fields)
         g = GradienceController(conf)
         g.initialize(model, optimizer=optimizer)
         guards[name] = g
@@ -204,18 +210,19 @@ def _persist_times(g: GradienceController) -> list[float]:
     return list(getattr(g.store, "write_seconds", []) if g.store is not None else [])
 
 
-def _fixed_cost(device: torch.device, out: Path, steps: int) -> dict[str, float]:
+def _fixed_cost(device: torch.device, out: Path, steps: int, args: argparse.Namespace) -> dict[str, float]:
     """In-call time per step on a model whose own step is tiny: what every step pays whatever the model."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1)).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=args.fused or None)
     x = torch.randn(8, 16, device=device)
     batches = [x] * steps
 
     def train_step(m: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return m(ids).pow(2).mean()
 
-    g = GradienceController(out_dir=str(out), guard_snapshot_interval=10**6, telemetry_interval=10**6)
+    g = GradienceController(out_dir=str(out), guard_snapshot_interval=10**6, telemetry_interval=10**6,
+                            guard_verdict=args.verdict)
     g.initialize(model, optimizer=opt)
     _block(model, opt, batches, train_step, g, 0, device)  # warm-up
     runs = [_block(model, opt, batches, train_step, g, steps * (i + 1), device) for i in range(3)]
@@ -253,9 +260,10 @@ def _rollbacks(model, optimizer, batches, train_step, device, out: Path, n: int)
     return out_rb
 
 
-def _host_syncs(model, optimizer, batches, train_step, out: Path) -> float:
+def _host_syncs(model, optimizer, batches, train_step, out: Path, verdict: str) -> float:
     """Host synchronisations per steady-state guarded step, counted by CUDA's sync debug mode."""
-    g = GradienceController(out_dir=str(out), guard_snapshot_interval=10**6, spectral_enabled=False)
+    g = GradienceController(out_dir=str(out), guard_snapshot_interval=10**6, spectral_enabled=False,
+                            guard_verdict=verdict)
     g.initialize(model, optimizer=optimizer)
     _block(model, optimizer, batches[:5], train_step, g, 0, torch.device("cuda"))
     steps = batches[:20]
@@ -287,7 +295,7 @@ def _machine(device: torch.device) -> str:
 def _print(r: dict[str, Any]) -> None:
     m = r["model"]
     print(f"gradience overhead bench: GPT-2 {m['params'] / 1e6:.2f}M params, batch {m['batch']}x{m['seq']}, "
-          f"{m['dtype']}; {r['machine']}")
+          f"{m['dtype']}{', fused AdamW' if m['fused'] else ''}, verdict {m.get('verdict', 'auto')}; {r['machine']}")
     print(f"{r['blocks']} blocks x {r['steps_per_block']} steps per arm; baseline step {r['baseline_step_ms']:.2f} ms")
     print(f"{'arm':<30}{'step':>10}{'in-call':>12}{'in-call %':>11}{'end to end (median, range)':>34}")
     for name, a in r["arms"].items():

@@ -1,0 +1,209 @@
+"""The asynchronous verdict (``guard_verdict="async"``): the gradient gate decided on the device, one all-reduce
+per step, the host reading the verdict one step later.
+
+Per step ``t``:
+
+* ``gate(t)`` (before ``optimizer.step()``): the gradients' total norm and this step's loss, plus the weights,
+  buffers and loss that ``note_step(t-1)`` left on the device, become flags in one float64 vector on the
+  device; one MAX all-reduce (enqueued on the stream under NCCL) makes them every rank's; the fused optimizer
+  reads the result as ``found_inf`` and skips the update on the device, as under a ``GradScaler``: parameters,
+  moments and step counts stay bitwise unchanged. The vector is copied to pinned host memory behind an event.
+* ``read()`` (in ``step(t)``, after the update was enqueued): waits on that event, which was recorded before the
+  optimizer's kernels, so the device keeps running the update meanwhile, and returns the gradients' verdict of
+  ``t`` and the weights' verdict of ``t-1``.
+* ``note_step(t)``: the weights' check of ``t`` on the device, for ``gate(t+1)``.
+
+So a bad gradient is skipped in its own step, and a weight fault is acted on one step later; in between the
+gate skips the update it would poison (NaN weights give NaN gradients, and the weights' flags of ``t-1`` close
+the gate of ``t`` themselves). The price of deciding on the device: a total norm above
+``guard_violation_threshold`` counts as a violation (the exact max|x| fallback would need the host), and an
+overflowing norm as non-finite.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+
+from gradience.comm import KINDS
+from gradience.errors import CollectiveMismatch, ConsensusTimeout
+from gradience.norms import TotalNorm
+from gradience.types import Phase, Verdict
+
+MODES = ("auto", "sync", "async")
+_G = 4  # gradient block: nonfinite, violation, norm (inf for NaN), NaN, loss (-inf: none)
+_W = _G + 5  # weights block: present, nonfinite w, violation w, NaN buffer, nonfinite loss, violation loss,
+#              norm (inf for NaN), NaN, loss (-inf: none)
+_R = _W + 9  # one slot per rank for the gradients' faults, then one per rank for the weights'
+_CODE = KINDS.index("check:grads") + 1
+
+
+def refusal(config: Any, optimizer: Any, backend: Any, comm: Any, scaler: Any) -> str | None:
+    """Why this run cannot decide on the device (None: it can)."""
+    from gradience.backends import PlainBackend
+
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return "the optimizer does not read found_inf (use a fused torch optimizer, e.g. AdamW(fused=True))"
+    if not isinstance(backend, PlainBackend):
+        return f"the {type(backend).__name__} state is checked by the synchronous path"
+    if scaler is not None:
+        return "a GradScaler sets found_inf itself"
+    if config.spike_action == "skip":
+        return "spike_action='skip' needs the host's spike statistics before the update"
+    if config.fingerprint_interval:
+        return "replica fingerprints are compared by the synchronous path"
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    devices = {p.device for p in params}
+    if len(devices) != 1:
+        return f"the parameters are on {len(devices)} devices"
+    if comm.world_size > 1 and getattr(comm, "device", None) != next(iter(devices)):
+        return f"the guard's group runs on {getattr(comm, 'device', None)}, the parameters on {next(iter(devices))}"
+    return None
+
+
+class Deferred:
+    """Device-side flags and their delayed read-back for one controller (see the module docstring)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, comm: Any, threshold: float) -> None:
+        self.optimizer, self.comm, self.threshold = optimizer, comm, threshold
+        self.device = next(p.device for g in optimizer.param_groups for p in g["params"])
+        self._grads, self._weights, self._buffers = TotalNorm(), TotalNorm(), TotalNorm()
+        self._noted: torch.Tensor | None = None  # weights block left by note_step
+        self._noted_step: tuple[int, int] | None = None  # (label, tick) of the noted step
+        self._pending: tuple[Any, torch.Tensor, torch.Tensor, int, tuple[int, int] | None] | None = None
+        self._seq = 0
+        self._n = _R + 2 * comm.world_size
+
+    # ---------------------------------------------------------------- per step
+    @torch.no_grad()
+    def gate(self, grads: list[torch.Tensor], loss: torch.Tensor | float | None, step: int) -> None:
+        """Flags of this step's gradients (and the noted weights), agreed on the device; sets ``found_inf``."""
+        self._seq += 1
+        vec = torch.zeros(self._n, dtype=torch.float64, device=self.device)
+        vec[0], vec[1], vec[2], vec[3] = _CODE, -_CODE, self._seq, -self._seq
+        norm = _norm(self._grads.squares(grads), self.device)
+        vec[_G:_W] = torch.stack([*self._screen(norm), _enc(norm), norm.isnan().double(),
+                                  _loss_mean(loss, self.device)])
+        if self._noted is not None:
+            vec[_W:_R] = self._noted
+        rank, ws = self.comm.rank, self.comm.world_size
+        vec[_R + rank] = vec[_G:_G + 2].amax()
+        vec[_R + ws + rank] = vec[_W + 1:_W + 6].amax() * vec[_W]
+        if self.comm.world_size > 1:
+            self.comm.all_reduce_device_max(vec)
+        bad = vec[_R:].amax()  # any rank's gradients or noted weights
+        self.optimizer.found_inf = (bad > 0).to(torch.float32)
+        if self.device.type == "cuda":
+            host = torch.empty(self._n, dtype=torch.float64, pin_memory=True)
+            host.copy_(vec, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = vec, None
+        self._pending = (event, host, vec, step, self._noted_step)
+        self._noted, self._noted_step = None, None
+
+    @torch.no_grad()
+    def note_step(self, weights: list[torch.Tensor], buffers: list[torch.Tensor], loss: Any, step: int,
+                  tick: int) -> None:
+        """The weights' check of this step, left on the device for the next gate."""
+        norm = _norm(self._weights.squares(weights), self.device)
+        bsq = self._buffers.squares(buffers) if buffers else []
+        b_nan = _norm(bsq, self.device).isnan().double()
+        mean, big = _loss_mean(loss, self.device), _loss_max(loss, self.device)
+        l_nonfinite = (~big.isfinite()).double()
+        l_violation = (big.isfinite() & (big > self.threshold)).double()
+        one = torch.ones((), dtype=torch.float64, device=self.device)
+        self._noted = torch.stack([one, *self._screen(norm), b_nan, l_nonfinite, l_violation, _enc(norm),
+                                   norm.isnan().double(), mean])
+        self._noted_step = (step, tick)
+
+    def pending(self) -> bool:
+        """Whether a gate's vector waits to be read."""
+        return self._pending is not None
+
+    def read(self, timeout_s: float) -> tuple[Verdict, Verdict | None]:
+        """(this step's gradients' verdict, the previous step's weights' verdict or None) from the last gate."""
+        event, host, _, step, noted = self._pending
+        self._pending = None
+        if event is not None:
+            deadline = time.monotonic() + timeout_s
+            pause = 1e-5
+            while not event.query():  # poll: the host never blocks past the deadline
+                if time.monotonic() > deadline:
+                    raise ConsensusTimeout(f"the guard's flags of step {step} did not arrive within {timeout_s:g}s")
+                time.sleep(pause)
+                pause = min(pause * 2, 1e-3)
+        v = host.tolist()
+        if v[0] != -v[1] or v[2] != -v[3]:
+            raise CollectiveMismatch(
+                f"ranks are not making the same Gradience call at step {step}: gate call counts {-v[3]:g} vs "
+                f"{v[2]:g}. Every rank must call before_optimizer_step/step the same number of times.")
+        ws = self.comm.world_size
+        grads = Verdict(phase=Phase.GRADS, step=step, world_size=ws, nonfinite_grads=v[_G] > 0,
+                        violation_grads=v[_G + 1] > 0, grad_norm=math.nan if v[_G + 3] > 0 else v[_G + 2],
+                        loss=v[_G + 4] if v[_G + 4] != -math.inf else None,
+                        faulty_ranks=tuple(r for r in range(ws) if v[_R + r] > 0))
+        if not v[_W] or noted is None:
+            return grads, None
+        weights = Verdict(phase=Phase.STEP, step=noted[0], tick=noted[1], world_size=ws,
+                          nonfinite_weights=v[_W + 1] > 0, violation_weights=v[_W + 2] > 0,
+                          nonfinite_buffers=v[_W + 3] > 0, nonfinite_loss=v[_W + 4] > 0,
+                          violation_loss=v[_W + 5] > 0, weight_norm=math.nan if v[_W + 7] > 0 else v[_W + 6],
+                          loss=v[_W + 8] if v[_W + 8] != -math.inf else None,
+                          faulty_ranks=tuple(r for r in range(ws) if v[_R + ws + r] > 0))
+        return grads, weights
+
+    def release(self) -> None:
+        """Stop steering the optimizer (after its update, and for good at the end)."""
+        if "found_inf" in self.optimizer.__dict__:
+            del self.optimizer.found_inf
+
+    def forget(self) -> None:
+        """Drop what was noted (a rollback replaced the state it described)."""
+        self._noted, self._noted_step = None, None
+
+    def _screen(self, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        finite = norm.isfinite()
+        return (~finite).double(), (finite & (norm > self.threshold)).double()
+
+
+def _norm(squares: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    if not squares:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    if len(squares) == 1:
+        return squares[0].to(device, torch.float64).sqrt()
+    return torch.stack([s.to(device, torch.float64) for s in squares]).sum().sqrt()
+
+
+def _enc(norm: torch.Tensor) -> torch.Tensor:
+    """A magnitude MAX can reduce: NaN travels as its own flag and as +inf here."""
+    return torch.nan_to_num(norm, nan=math.inf, posinf=math.inf)
+
+
+def _loss_tensor(loss: Any, device: torch.device) -> torch.Tensor | None:
+    if loss is None:
+        return None
+    if not isinstance(loss, torch.Tensor):
+        return torch.full((1,), float(loss), dtype=torch.float64, device=device)
+    t = loss.detach()
+    if t.is_complex():
+        t = t.abs()
+    t = t.to(device, torch.float64).reshape(-1)
+    return t if t.numel() else None
+
+
+def _loss_mean(loss: Any, device: torch.device) -> torch.Tensor:
+    """The loss's mean for MAX (-inf: none, or NaN: the spike rule ignores it)."""
+    t = _loss_tensor(loss, device)
+    if t is None:
+        return torch.full((), -math.inf, dtype=torch.float64, device=device)
+    return torch.nan_to_num(t.mean(), nan=-math.inf)
+
+
+def _loss_max(loss: Any, device: torch.device) -> torch.Tensor:
+    t = _loss_tensor(loss, device)
+    return torch.zeros((), dtype=torch.float64, device=device) if t is None else t.abs().max()

@@ -1,0 +1,171 @@
+"""The asynchronous verdict (guard_verdict='async'): the gate decided on the device through the fused optimizers'
+found_inf, one all-reduce per step, weight faults acted on one step later with the synchronous path's target."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from gradience import GradienceController
+from gradience.comm import TorchComm
+from gradience.errors import ConfigError
+from tests.loops import events, make_mlp, mlp_loss, poison, run_loop
+from tests.threaded import free_groups, make_groups, run_ranks
+
+FUSED = {
+    "AdamW": lambda p: torch.optim.AdamW(p, lr=1e-2, fused=True),
+    "Adam": lambda p: torch.optim.Adam(p, lr=1e-2, fused=True, amsgrad=True),
+    "SGD-momentum": lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, fused=True),
+    "Adagrad": lambda p: torch.optim.Adagrad(p, lr=1e-2, fused=True),
+}
+
+
+def _state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    out = [t.detach().clone() for t in model.state_dict().values()]
+    for s in opt.state.values():
+        out += [v.detach().clone() for _, v in sorted(s.items()) if torch.is_tensor(v)]
+    return out
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("name", list(FUSED))
+def test_a_nan_gradient_is_skipped_on_the_device_leaving_every_state_tensor_bitwise(tmp_path, name):
+    model = make_mlp()
+    opt = FUSED[name](model.parameters())
+    ctl = GradienceController(out_dir=str(tmp_path), guard_verdict="async", guard_snapshot_interval=5)
+    ctl.initialize(model, optimizer=opt)
+    assert ctl.config.guard_verdict == "async"
+    for step in range(12):
+        opt.zero_grad(set_to_none=True)
+        loss = mlp_loss(model, step)
+        loss.backward()
+        if step == 7:
+            model[2].bias.grad[0] = float("nan")
+        before = _state(model, opt)
+        assert ctl.before_optimizer_step(model, opt, loss=loss)  # the host does not know yet: the device decides
+        opt.step()
+        after = _state(model, opt)
+        # Parameters, moments, momentum buffers, sums and step counts: untouched exactly at the NaN step.
+        assert _same(before, after) == (step == 7), step
+        assert ctl.step(step, loss, model)
+    ctl.finalize()
+    assert ctl._deferred is not None
+    skips = events(tmp_path, "skip_step")
+    assert [(e["step"], e["reason"]) for e in skips] == [(7, "NONFINITE_GRADS")]
+    assert skips[0]["bad"]["params"] == ["2.bias"]
+    assert "found_inf" not in opt.__dict__  # the guard stops steering the optimizer when it is done
+
+
+def _weight_fault_run(tmp_path, mode: str):
+    snapshots = {}
+
+    def on_update(step, model):
+        if step == 10:  # the state the snapshot of step 10 holds (taken after this update)
+            snapshots["model"] = [t.clone() for t in model.state_dict().values()]
+        if step == 12:
+            poison("2.weight")(model)
+
+    model = make_mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    ctl = GradienceController(out_dir=str(tmp_path / mode), guard_verdict=mode, guard_snapshot_interval=5)
+    out = run_loop(model, mlp_loss, ctl, steps=16, optimizer=opt, on_update=on_update)
+    return out, events(tmp_path / mode, "rollback_success"), snapshots
+
+
+def test_a_weight_fault_is_rolled_back_one_step_later_to_the_target_the_sync_path_picks(tmp_path):
+    sync, sync_rb, _ = _weight_fault_run(tmp_path, "sync")
+    late, late_rb, snap = _weight_fault_run(tmp_path, "async")
+    assert [(e["step"], e["to_step"]) for e in sync_rb] == [(12, 10)]
+    assert [(e["step"], e["to_step"]) for e in late_rb] == [(13, 10)]  # detected one step later, same target
+    # Step 13's update ran on NaN weights: the device skipped it, so the optimizer state the rollback restores
+    # was never touched by the fault, and both runs end healthy with the same LR backoff.
+    assert late["applied"][13] is True and sync["summary"]["guard"]["lr_scale"] == late["summary"]["guard"]["lr_scale"]
+    for out in (sync, late):
+        assert out["summary"]["guard"]["integrity_status"] == "RECOVERED"
+        assert all(torch.isfinite(t).all() for t in out["optimizer"].state_dict()["state"][0].values())
+    assert len(snap["model"]) == 4
+
+
+def test_the_async_snapshot_commits_only_after_its_weights_were_judged(tmp_path):
+    model = make_mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    ctl = GradienceController(out_dir=str(tmp_path), guard_verdict="async", guard_snapshot_interval=5)
+    # The state of step 10 is bad before its snapshot is taken: it must never become a target.
+    run_loop(model, mlp_loss, ctl, steps=14, optimizer=opt,
+             on_update=lambda s, m: poison("0.weight")(m) if s == 10 else None)
+    rolled = events(tmp_path, "rollback_success")
+    assert [(e["step"], e["to_step"]) for e in rolled] == [(11, 5)]
+
+
+def test_runs_that_cannot_decide_on_the_device_stay_synchronous_and_say_why(tmp_path, caplog):
+    with pytest.raises(ConfigError, match="guard_verdict"):
+        GradienceController(out_dir=str(tmp_path), guard_verdict="later")
+    model = make_mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)  # not fused: no found_inf
+    ctl = GradienceController(out_dir=str(tmp_path / "a"), guard_verdict="async", guard_snapshot_interval=5)
+    with caplog.at_level(logging.WARNING, logger="gradience"):
+        out = run_loop(model, mlp_loss, ctl, steps=8, optimizer=opt,
+                       on_update=lambda s, m: poison("0.weight")(m) if s == 6 else None)
+    assert ctl._deferred is None and "found_inf" in caplog.text
+    assert [e["step"] for e in events(tmp_path / "a", "rollback_success")] == [6]  # same step: synchronous
+    assert out["summary"]["guard"]["total_rollbacks"] == 1
+    auto = GradienceController(out_dir=str(tmp_path / "b"))  # auto on a CPU: synchronous
+    run_loop(make_mlp(), mlp_loss, auto, steps=3, optimizer=torch.optim.AdamW(make_mlp().parameters(), fused=True))
+    assert auto._deferred is None
+
+
+@pytest.fixture(scope="module")
+def groups2():
+    g = make_groups(2)
+    yield g
+    free_groups(g)
+
+
+def test_two_ranks_skip_together_on_one_all_reduce_per_step(tmp_path, groups2):
+    models = [make_mlp(0) for _ in groups2]
+    calls = [0, 0]
+
+    def rank_fn(rank, group):
+        comm = TorchComm(group, timeout_s=30)
+        for name in ("all_reduce_max", "all_reduce_device_max", "all_reduce_sum"):
+            real = getattr(comm, name)
+
+            def counted(*a, _real=real, **k):
+                calls[rank] += 1
+                return _real(*a, **k)
+            setattr(comm, name, counted)
+        model = models[rank]
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+        ctl = GradienceController(out_dir=str(tmp_path), comm=comm, guard_verdict="async",
+                                  guard_snapshot_interval=1000, spectral_enabled=False)
+        ctl.initialize(model, optimizer=opt)
+        before_nan = None
+        for step in range(10):
+            opt.zero_grad(set_to_none=True)
+            loss = mlp_loss(model, step, seed=rank)
+            loss.backward()
+            if step == 6 and rank == 1:
+                model[0].weight.grad[3, 3] = float("nan")
+            if step == 3:
+                calls[rank] = 0
+            if step == 6:
+                before_nan = _state(model, opt)
+            ctl.before_optimizer_step(model, opt, loss=loss)
+            opt.step()
+            if step == 6:
+                assert _same(before_nan, _state(model, opt)), f"rank {rank} applied the poisoned step"
+            ctl.step(step, loss, model)
+        steady = calls[rank]
+        ctl.finalize()
+        return steady
+
+    counts = run_ranks(groups2, rank_fn)
+    assert counts == [7, 7]  # steps 3..9: one collective each
+    for rank in (0, 1):
+        skips = events(tmp_path, "skip_step", rank=rank)
+        assert [(e["step"], e["faulty_ranks"]) for e in skips] == [(6, [1])]
