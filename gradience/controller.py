@@ -20,7 +20,7 @@ from gradience.backends import PlainBackend, StateBackend, default_backend
 from gradience.comm import Comm, default_comm
 from gradience.config import GradienceConfig
 from gradience.consensus import agree
-from gradience.deferred import Deferred, refusal
+from gradience.deferred import AsyncVerdict, Deferred
 from gradience.effects import Effects
 from gradience.errors import ConfigError, SnapshotError
 from gradience.guardrails import ProbeHealth, detect_scaler, install_sigterm, refuse_inside_join, unscale, watch_join
@@ -39,7 +39,7 @@ from gradience.types import Action, GuardState, Phase, ProbeReport, Reason, Verd
 logger = logging.getLogger(__name__)
 
 
-class GradienceController(Reports, Effects):
+class GradienceController(Reports, Effects, AsyncVerdict):
     """Guards a training loop. Call :meth:`initialize` once, then per step
     :meth:`before_optimizer_step` (optional gradient gate) and :meth:`step`; :meth:`finalize` at the end.
 
@@ -326,53 +326,6 @@ class GradienceController(Reports, Effects):
                                 spectral_kappa=self._spectral.last_kappa if self._spectral else None,
                                 risk_level=self.state.risk_level)
         return not self.halted
-
-    def _step_async(self, step: int, loss: torch.Tensor | float | None, tick: int) -> bool:
-        """``step`` under the asynchronous verdict: act on this step's gradients and the last step's weights
-        (read from the gate's vector), then leave this step's weights' check on the device for the next gate."""
-        d = self._deferred
-        grads, weights = self._collective(step, d.read, self.config.collective_timeout_s)
-        d.release()
-        skipped = grads.fault_reason() is not None or (weights is not None and weights.fault_reason() is not None)
-        self._prior = self.state
-        self.state, decision = policy.decide(self.state, grads, self.config)
-        if decision.reason is Reason.SPIKE and decision.action is Action.CONTINUE:
-            self.telemetry.emit("spike", step=step, action="log", detail=decision.detail, **self._blame(grads))
-        if decision.action is Action.SKIP_STEP:
-            bad = self.backend.bad(self.config.guard_violation_threshold, grads=True)
-            self.telemetry.emit("skip_step", step=step, reason=decision.reason, **self._blame(grads),
-                                grad_norm=grads.grad_norm, bad=bad, detail=decision.detail)
-        elif decision.action is not Action.CONTINUE:
-            self._act(step, grads, decision)  # a rollback or a halt: the weights' verdict is moot
-        if decision.action in (Action.CONTINUE, Action.SKIP_STEP):
-            base = weights or Verdict(phase=Phase.STEP, step=step, world_size=self.comm.world_size)
-            verdict = dataclasses.replace(base, step=step, tick=tick, update_skipped=skipped)
-            self.last_loss = verdict.loss if weights is not None else self.last_loss
-            if self._spectral is not None and policy.spectral_due(tick, self.config, self.state):
-                verdict = dataclasses.replace(verdict, **self._spectral.measure())
-            self._decide_step(step, verdict, verified=True)
-        if not self.halted:
-            weights_now, buffers = self.backend.check_tensors()
-            d.note_step(weights_now, buffers, loss, step, tick)
-        return not self.halted
-
-    def _choose_verdict(self, scaler: Any) -> None:
-        """Pick the synchronous or asynchronous verdict once, at the first gate (every rank alike)."""
-        self._verdict_chosen = True
-        mode = self.config.guard_verdict
-        if mode == "sync" or self.optimizer is None or not self.config.guard_enabled:
-            return
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if mode == "auto" and (not params or params[0].device.type == "cpu"):
-            return
-        why = refusal(self.config, self.optimizer, self.backend, self.comm, scaler)
-        if why is not None:
-            log = logger.warning if mode == "async" else logger.info
-            log("Gradience: guard_verdict=%r: the verdict stays synchronous: %s", mode, why)
-            return
-        self._deferred = Deferred(self.optimizer, self.comm, self.config.guard_violation_threshold)
-        logger.info("Gradience: asynchronous verdict: the gradient gate runs on %s (found_inf), weight faults are "
-                    "acted on one step later", self._deferred.device)
 
     def finalize(self) -> dict[str, Any]:
         """Write ``summary.json`` (group rank 0) and a ``summary`` event; return the summary dict."""

@@ -22,16 +22,21 @@ overflowing norm as non-finite.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import time
 from typing import Any
 
 import torch
 
+from gradience import policy
 from gradience.comm import KINDS
 from gradience.errors import CollectiveMismatch, ConsensusTimeout
 from gradience.norms import TotalNorm
-from gradience.types import Phase, Verdict
+from gradience.types import Action, Phase, Reason, Verdict
+
+logger = logging.getLogger(__name__)
 
 MODES = ("auto", "sync", "async")
 _G = 4  # gradient block: nonfinite, violation, norm (inf for NaN), NaN, loss (-inf: none)
@@ -169,6 +174,58 @@ class Deferred:
     def _screen(self, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         finite = norm.isfinite()
         return (~finite).double(), (finite & (norm > self.threshold)).double()
+
+
+class AsyncVerdict:
+    """The controller's side of the asynchronous verdict (a mixin of :class:`GradienceController`)."""
+
+    def _step_async(self, step: int, loss: torch.Tensor | float | None, tick: int) -> bool:
+        """``step`` under the asynchronous verdict: act on this step's gradients and the last step's weights
+        (read from the gate's vector), then leave this step's weights' check on the device for the next gate."""
+        d = self._deferred
+        grads, weights = self._collective(step, d.read, self.config.collective_timeout_s)
+        d.release()
+        skipped = grads.fault_reason() is not None or (weights is not None and weights.fault_reason() is not None)
+        self._prior = self.state
+        self.state, decision = policy.decide(self.state, grads, self.config)
+        if decision.reason is Reason.SPIKE and decision.action is Action.CONTINUE:
+            self.telemetry.emit("spike", step=step, action="log", detail=decision.detail, **self._blame(grads))
+        if decision.action is Action.SKIP_STEP:
+            bad = self.backend.bad(self.config.guard_violation_threshold, grads=True)
+            self.telemetry.emit("skip_step", step=step, reason=decision.reason, **self._blame(grads),
+                                grad_norm=grads.grad_norm, bad=bad, detail=decision.detail)
+        elif decision.action is not Action.CONTINUE:
+            self._act(step, grads, decision)  # a rollback or a halt: the weights' verdict is moot
+        if decision.action in (Action.CONTINUE, Action.SKIP_STEP):
+            base = weights or Verdict(phase=Phase.STEP, step=step, world_size=self.comm.world_size)
+            verdict = dataclasses.replace(base, step=step, tick=tick, update_skipped=skipped)
+            self.last_loss = verdict.loss if weights is not None else self.last_loss
+            if self._spectral is not None and policy.spectral_due(tick, self.config, self.state):
+                verdict = dataclasses.replace(verdict, **self._spectral.measure())
+            self._decide_step(step, verdict, verified=True)
+        if not self.halted:
+            weights_now, buffers = self.backend.check_tensors()
+            d.note_step(weights_now, buffers, loss, step, tick)
+        return not self.halted
+
+    def _choose_verdict(self, scaler: Any) -> None:
+        """Pick the synchronous or asynchronous verdict once, at the first gate (every rank alike)."""
+        self._verdict_chosen = True
+        mode = self.config.guard_verdict
+        if mode == "sync" or self.optimizer is None or not self.config.guard_enabled:
+            return
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if mode == "auto" and (not params or params[0].device.type == "cpu"):
+            return
+        why = refusal(self.config, self.optimizer, self.backend, self.comm, scaler)
+        if why is not None:
+            log = logger.warning if mode == "async" else logger.info
+            log("Gradience: guard_verdict=%r: the verdict stays synchronous: %s", mode, why)
+            return
+        self._deferred = Deferred(self.optimizer, self.comm, self.config.guard_violation_threshold)
+        logger.info("Gradience: asynchronous verdict: the gradient gate runs on %s (found_inf), weight faults are "
+                    "acted on one step later", self._deferred.device)
+
 
 
 def _norm(squares: list[torch.Tensor], device: torch.device) -> torch.Tensor:
