@@ -60,8 +60,8 @@ def pack(report: ProbeReport, rank: int, world_size: int) -> torch.Tensor:
     return torch.tensor(vals + ranks, dtype=torch.float64)
 
 
-def unpack(vec: torch.Tensor, report: ProbeReport, world_size: int) -> Verdict:
-    """The Verdict encoded by a reduced vector."""
+def unpack(vec: torch.Tensor, report: ProbeReport, world_size: int, tick: int | None = None) -> Verdict:
+    """The Verdict encoded by a reduced vector (``tick``: the guard's clock, carried along)."""
     v = vec.tolist()
     flags = {name: v[i] > 0 for i, name in enumerate(_FLAGS)}
     mags = {name: (math.nan if v[_NAN + i] > 0 else v[len(_FLAGS) + i]) for i, name in enumerate(_MAGS)}
@@ -70,6 +70,7 @@ def unpack(vec: torch.Tensor, report: ProbeReport, world_size: int) -> Verdict:
         phase=report.phase,
         step=report.step,
         world_size=world_size,
+        tick=tick,
         # Both -inf: nobody sent a fingerprint this step.
         replica_divergence=math.isfinite(hi) and hi != -neg_lo,
         faulty_ranks=tuple(r for r in range(world_size) if v[_RANKS + r] > 0),
@@ -89,11 +90,11 @@ def agree(report: ProbeReport, comm: Comm, tick: int | None = None) -> Verdict:
     vec = pack(report, comm.rank, comm.world_size)
     kind = "check:grads" if report.phase is Phase.GRADS else "check:step"
     vec = comm.all_reduce_max(vec, kind=kind, step=report.step)
-    verdict = unpack(vec, report, comm.world_size)
+    verdict = unpack(vec, report, comm.world_size, tick)
     if verdict.replica_divergence and not verdict.faulty_ranks:
         # No rank saw a fault of its own: which replica is "right" is unknowable, so every rank is suspect.
         verdict = dataclasses.replace(verdict, faulty_ranks=tuple(range(comm.world_size)))
-    return verdict if tick is None else dataclasses.replace(verdict, tick=tick)
+    return verdict
 
 
 def alone(report: ProbeReport, tick: int | None = None) -> Verdict:

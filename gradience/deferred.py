@@ -34,6 +34,7 @@ from gradience import policy
 from gradience.comm import KINDS
 from gradience.errors import CollectiveMismatch, ConsensusTimeout
 from gradience.norms import TotalNorm
+from gradience.probe import loss_reads
 from gradience.types import Action, Phase, Reason, Verdict
 
 logger = logging.getLogger(__name__)
@@ -77,8 +78,7 @@ class Deferred:
         self.device = next(p.device for g in optimizer.param_groups for p in g["params"])
         self._grads, self._weights, self._buffers = TotalNorm(), TotalNorm(), TotalNorm()
         self._noted: torch.Tensor | None = None  # weights block left by note_step
-        self._noted_step: tuple[int, int] | None = None  # (label, tick) of the noted step
-        self._pending: tuple[Any, torch.Tensor, torch.Tensor, int, tuple[int, int] | None] | None = None
+        self._pending: tuple[Any, torch.Tensor, int] | None = None  # (event, host vector, step) of the last gate
         self._seq = 0
         self._n = _R + 2 * comm.world_size
 
@@ -89,9 +89,9 @@ class Deferred:
         self._seq += 1
         vec = torch.zeros(self._n, dtype=torch.float64, device=self.device)
         vec[0], vec[1], vec[2], vec[3] = _CODE, -_CODE, self._seq, -self._seq
-        norm = _norm(self._grads.squares(grads), self.device)
+        norm = self._grads(grads, self.device)
         vec[_G:_W] = torch.stack([*self._screen(norm), _enc(norm), norm.isnan().double(),
-                                  _loss_mean(loss, self.device)])
+                                  _loss_stats(loss, self.device)[0]])
         if self._noted is not None:
             vec[_W:_R] = self._noted
         rank, ws = self.comm.rank, self.comm.world_size
@@ -108,31 +108,29 @@ class Deferred:
             event.record()
         else:
             host, event = vec, None
-        self._pending = (event, host, vec, step, self._noted_step)
-        self._noted, self._noted_step = None, None
+        self._pending = (event, host, step)
+        self._noted = None
 
     @torch.no_grad()
-    def note_step(self, weights: list[torch.Tensor], buffers: list[torch.Tensor], loss: Any, step: int,
-                  tick: int) -> None:
+    def note_step(self, weights: list[torch.Tensor], buffers: list[torch.Tensor], loss: Any) -> None:
         """The weights' check of this step, left on the device for the next gate."""
-        norm = _norm(self._weights.squares(weights), self.device)
-        bsq = self._buffers.squares(buffers) if buffers else []
-        b_nan = _norm(bsq, self.device).isnan().double()
-        mean, big = _loss_mean(loss, self.device), _loss_max(loss, self.device)
+        norm = self._weights(weights, self.device)
+        b_nan = self._buffers(buffers, self.device).isnan().double()
+        mean, big = _loss_stats(loss, self.device)
         l_nonfinite = (~big.isfinite()).double()
         l_violation = (big.isfinite() & (big > self.threshold)).double()
         one = torch.ones((), dtype=torch.float64, device=self.device)
         self._noted = torch.stack([one, *self._screen(norm), b_nan, l_nonfinite, l_violation, _enc(norm),
                                    norm.isnan().double(), mean])
-        self._noted_step = (step, tick)
 
     def pending(self) -> bool:
         """Whether a gate's vector waits to be read."""
         return self._pending is not None
 
     def read(self, timeout_s: float) -> tuple[Verdict, Verdict | None]:
-        """(this step's gradients' verdict, the previous step's weights' verdict or None) from the last gate."""
-        event, host, _, step, noted = self._pending
+        """(this step's gradients' verdict, the previous step's weights' verdict or None) from the last gate;
+        both labelled with this step."""
+        event, host, step = self._pending
         self._pending = None
         if event is not None:
             deadline = time.monotonic() + timeout_s
@@ -152,9 +150,9 @@ class Deferred:
                         violation_grads=v[_G + 1] > 0, grad_norm=math.nan if v[_G + 3] > 0 else v[_G + 2],
                         loss=v[_G + 4] if v[_G + 4] != -math.inf else None,
                         faulty_ranks=tuple(r for r in range(ws) if v[_R + r] > 0))
-        if not v[_W] or noted is None:
+        if not v[_W]:
             return grads, None
-        weights = Verdict(phase=Phase.STEP, step=noted[0], tick=noted[1], world_size=ws,
+        weights = Verdict(phase=Phase.STEP, step=step, world_size=ws,
                           nonfinite_weights=v[_W + 1] > 0, violation_weights=v[_W + 2] > 0,
                           nonfinite_buffers=v[_W + 3] > 0, nonfinite_loss=v[_W + 4] > 0,
                           violation_loss=v[_W + 5] > 0, weight_norm=math.nan if v[_W + 7] > 0 else v[_W + 6],
@@ -166,10 +164,6 @@ class Deferred:
         """Stop steering the optimizer (after its update, and for good at the end)."""
         if "found_inf" in self.optimizer.__dict__:
             del self.optimizer.found_inf
-
-    def forget(self) -> None:
-        """Drop what was noted (a rollback replaced the state it described)."""
-        self._noted, self._noted_step = None, None
 
     def _screen(self, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         finite = norm.isfinite()
@@ -198,14 +192,14 @@ class AsyncVerdict:
             self._act(step, grads, decision)  # a rollback or a halt: the weights' verdict is moot
         if decision.action in (Action.CONTINUE, Action.SKIP_STEP):
             base = weights or Verdict(phase=Phase.STEP, step=step, world_size=self.comm.world_size)
-            verdict = dataclasses.replace(base, step=step, tick=tick, update_skipped=skipped)
+            verdict = dataclasses.replace(base, tick=tick, update_skipped=skipped)
             self.last_loss = verdict.loss if weights is not None else self.last_loss
             if self._spectral is not None and policy.spectral_due(tick, self.config, self.state):
                 verdict = dataclasses.replace(verdict, **self._spectral.measure())
             self._decide_step(step, verdict, verified=True)
         if not self.halted:
             weights_now, buffers = self.backend.check_tensors()
-            d.note_step(weights_now, buffers, loss, step, tick)
+            d.note_step(weights_now, buffers, loss)
         return not self.halted
 
     def _choose_verdict(self, scaler: Any) -> None:
@@ -227,40 +221,25 @@ class AsyncVerdict:
                     "acted on one step later", self._deferred.device)
 
 
-
-def _norm(squares: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    if not squares:
-        return torch.zeros((), dtype=torch.float64, device=device)
-    if len(squares) == 1:
-        return squares[0].to(device, torch.float64).sqrt()
-    return torch.stack([s.to(device, torch.float64) for s in squares]).sum().sqrt()
-
-
 def _enc(norm: torch.Tensor) -> torch.Tensor:
     """A magnitude MAX can reduce: NaN travels as its own flag and as +inf here."""
     return torch.nan_to_num(norm, nan=math.inf, posinf=math.inf)
 
 
-def _loss_tensor(loss: Any, device: torch.device) -> torch.Tensor | None:
-    if loss is None:
-        return None
-    if not isinstance(loss, torch.Tensor):
-        return torch.full((1,), float(loss), dtype=torch.float64, device=device)
-    t = loss.detach()
-    if t.is_complex():
-        t = t.abs()
-    t = t.to(device, torch.float64).reshape(-1)
-    return t if t.numel() else None
-
-
-def _loss_mean(loss: Any, device: torch.device) -> torch.Tensor:
-    """The loss's mean for MAX (-inf: none, or NaN: the spike rule ignores it)."""
-    t = _loss_tensor(loss, device)
-    if t is None:
-        return torch.full((), -math.inf, dtype=torch.float64, device=device)
-    return torch.nan_to_num(t.mean(), nan=-math.inf)
-
-
-def _loss_max(loss: Any, device: torch.device) -> torch.Tensor:
-    t = _loss_tensor(loss, device)
-    return torch.zeros((), dtype=torch.float64, device=device) if t is None else t.abs().max()
+def _loss_stats(loss: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, max |element|) of the loss as 0-d float64 tensors on ``device``, by the probe's rule for what is
+    read of a loss; (-inf, 0) when there is none. A NaN mean reads as -inf, "none", for the spike rule (the
+    maximum carries the NaN to the loss check)."""
+    reads = loss_reads(loss)
+    if len(reads) == 1:
+        mean = reads[0].to(device, torch.float64)
+        big = mean.abs()
+    elif reads:
+        mean, big = (r.to(device) for r in reads)
+    elif isinstance(loss, int | float):
+        mean = torch.full((), float(loss), dtype=torch.float64, device=device)
+        big = mean.abs()
+    else:
+        return (torch.full((), -math.inf, dtype=torch.float64, device=device),
+                torch.zeros((), dtype=torch.float64, device=device))
+    return torch.nan_to_num(mean, nan=-math.inf), big

@@ -63,7 +63,7 @@ class Effects:
 
     def _commit_lag(self) -> int:
         # Under the asynchronous verdict a step's weights are judged one step later: commit no sooner.
-        return max(self.config.guard_snapshot_commit_lag, 1 if getattr(self, "_deferred", None) else 0)
+        return max(self.config.guard_snapshot_commit_lag, 1 if self._deferred is not None else 0)
 
     def _snapshot(self, step: int, *, background: bool, verified: bool = True) -> None:
         sid, self._next_sid = self._next_sid, self._next_sid + 1

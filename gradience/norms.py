@@ -13,8 +13,8 @@ is read through :func:`torch.view_as_real`; integer, bool, quantized and packed 
 are skipped. Tensors are grouped by (device, dtype).
 
 How a group is reduced depends on where the time goes. On accelerators ``_foreach_norm`` is one fused launch
-per group. On a CPU it is a loop of per-tensor kernels costing about 2 µs each whatever their size, which for
-a model of many small tensors is most of the pass; there a group whose tensors average at most
+per group. On a CPU it is a loop of per-tensor kernels, each with a fixed cost whatever its size, which for a
+model of many small tensors is most of the pass; there a group whose tensors average at most
 :data:`FLAT_AVG_NUMEL` elements is copied into one preallocated buffer (one ``_chunk_cat`` call) and reduced
 by one dot product. On the 2-core CI machine (28 float32 tensors, timed side by side) the copy won up to about
 16 K elements per tensor and lost beyond; the bound sits below that crossover.
@@ -110,7 +110,8 @@ class TotalNorm:
 
     def __init__(self) -> None:
         self._key: tuple | None = None
-        self._plan: list[tuple[bool, torch.dtype, list[torch.Tensor], torch.Tensor | None]] = []
+        #: (flat copy?, device, dtype, flat buffer) per group.
+        self._plan: list[tuple[bool, torch.device, torch.dtype, torch.Tensor | None]] = []
         #: The list passed in is exactly the plan's one flat group (every tensor a strided float of one dtype).
         self._direct = False
 
@@ -124,28 +125,31 @@ class TotalNorm:
         if key == self._key:
             try:
                 return self._squares(tensors)
-            except (RuntimeError, KeyError, IndexError):
+            except (RuntimeError, KeyError):
                 pass  # a tensor moved or changed dtype under the plan: plan again
         self._build(tensors, key)
         return self._squares(tensors)
 
-    def __call__(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The total L2 norm as a 0-d float64 tensor on the first group's device (0 when nothing can hold NaN)."""
+    def __call__(self, tensors: Sequence[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
+        """The total L2 norm as a 0-d float64 tensor on ``device`` (default: the first group's; 0 when nothing
+        can hold NaN); no host sync."""
         parts = self.squares(tensors)
         if not parts:
-            return torch.zeros((), dtype=torch.float64)
-        first = parts[0].device
-        return torch.stack([p.to(first, torch.float64) for p in parts]).sum().sqrt()
+            return torch.zeros((), dtype=torch.float64, device=device)
+        device = device or parts[0].device
+        if len(parts) == 1:
+            return parts[0].to(device, torch.float64).sqrt()
+        return torch.stack([p.to(device, torch.float64) for p in parts]).sum().sqrt()
 
     def _squares(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if self._direct:
-            _, dtype, _, buf = self._plan[0]
+            _, _, dtype, buf = self._plan[0]
             return [_flat_square(tensors, dtype, buf)]
         groups = _groups(tensors)
         if len(groups) != len(self._plan):
             raise KeyError("the tensors' (device, dtype) groups changed")
-        return [_flat_square(groups[(g[0].device, dtype)], dtype, buf) if flat
-                else _foreach_square(groups[(g[0].device, dtype)], dtype) for flat, dtype, g, buf in self._plan]
+        return [_flat_square(groups[(device, dtype)], dtype, buf) if flat
+                else _foreach_square(groups[(device, dtype)], dtype) for flat, device, dtype, buf in self._plan]
 
     def _build(self, tensors: Sequence[torch.Tensor], key: tuple) -> None:
         self._key, self._plan = None, []
@@ -156,7 +160,7 @@ class TotalNorm:
                     and numel <= FLAT_AVG_NUMEL * len(group) and all(t.dim() for t in group)
                     and (_CHUNK_CAT is not None or all(t.is_contiguous() for t in group)))
             buf = torch.empty(1, numel, dtype=dtype, device=device) if flat else None
-            self._plan.append((flat, dtype, group[:1], buf))
+            self._plan.append((flat, device, dtype, buf))
         only = next(iter(groups.values()), [])
         self._direct = (len(self._plan) == 1 and self._plan[0][0] and len(only) == len(tensors)
                         and all(a is b for a, b in zip(only, tensors, strict=True)))

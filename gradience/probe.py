@@ -102,7 +102,7 @@ def probe_grad_tensors(grads: Sequence[torch.Tensor], *, step: int, threshold: f
     spike rule: its mean) is read back in the same host sync as the norm; ``norm`` keeps the pass's plan
     between steps (pass the same one every step)."""
     squares = (norm or TotalNorm()).squares(grads)
-    reads = _loss_reads(loss)
+    reads = loss_reads(loss)
     host = _read(squares + reads) if squares or reads else []
     value = math.sqrt(sum(host[:len(squares)]))
     nonfinite, violation = screen(grads, value, threshold)
@@ -120,7 +120,7 @@ def _read(parts: list[torch.Tensor]) -> list[float]:
     return torch.stack(parts).tolist()
 
 
-def _loss_reads(loss: torch.Tensor | float | None) -> list[torch.Tensor]:
+def loss_reads(loss: torch.Tensor | float | None) -> list[torch.Tensor]:
     """What the host sync reads of the loss: nothing (None, a number, an empty tensor), its one element, or
     (mean, max|element|).
 
@@ -139,7 +139,7 @@ def _loss_reads(loss: torch.Tensor | float | None) -> list[torch.Tensor]:
 
 
 def _loss_values(loss: torch.Tensor | float | None, host: list[float]) -> tuple[float | None, float]:
-    """(mean or None, max |element|, 0 when there is none) from what :func:`_loss_reads` had read."""
+    """(mean or None, max |element|, 0 when there is none) from what :func:`loss_reads` had read."""
     if loss is None:
         return None, 0.0
     if not isinstance(loss, torch.Tensor):
@@ -170,7 +170,7 @@ def probe_step(
     """
     params, buffers = tensors if tensors is not None else (parameters(model), persistent_buffers(model))
     wn, bn = norms or (TotalNorm(), TotalNorm())
-    w_sq, b_sq, reads = wn.squares(params), bn.squares(buffers) if buffers else [], _loss_reads(loss)
+    w_sq, b_sq, reads = wn.squares(params), bn.squares(buffers) if buffers else [], loss_reads(loss)
     parts = w_sq + b_sq + reads
     if with_fingerprint:
         parts.append(fingerprint_tensor(params).to(torch.float64))  # < 2**52: exact in float64

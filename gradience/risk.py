@@ -262,7 +262,8 @@ class SignalStats:
     #: Accepted values ever: the warm-up clock (it keeps counting once ``values`` is full).
     count: int = 0
     #: Mean and sum of squared deviations of ``values``, kept up to date one value at a time (a sliding
-    #: Welford update, recomputed exactly every ``window`` values so rounding cannot drift); derived, not saved.
+    #: Welford update, recomputed exactly every ``window`` values so rounding cannot drift); derivable from
+    #: ``values`` (a state built without them computes them), saved along so a restore continues bit for bit.
     mean: float | None = field(default=None, compare=False, repr=False)
     m2: float | None = field(default=None, compare=False, repr=False)
 
