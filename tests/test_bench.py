@@ -17,7 +17,9 @@ def test_overhead_bench_prints_every_arm_and_writes_the_documented_json(capsys, 
         assert arm in out
     assert "fixed per-step cost" in out and "rollback from the memory tier" in out
     r = json.loads(out_json.read_text())
-    assert {"command", "machine", "model", "baseline_step_ms", "arms", "fixed", "rollback", "persist_ms"} <= set(r)
+    assert {"command", "machine", "model", "baseline_step_ms", "arms", "fixed", "rollback", "persist_ms",
+            "check_pass_ms"} <= set(r)
+    assert set(r["check_pass_ms"]) == {"grads", "weights"} and all(v > 0 for v in r["check_pass_ms"].values())
     assert r["baseline_step_ms"] > 0 and len(r["arms"]) == 4
     for arm in r["arms"].values():
         assert {"step_ms", "in_call_ms", "in_call_pct", "end_to_end_pct", "end_to_end_range_pct"} <= set(arm)

@@ -8,7 +8,8 @@ arm, baseline, arm, ...) so drift in the machine's speed hits every arm alike; e
 * **end to end**: the median over blocks of (guarded block / the mean of its two neighbouring baseline blocks)
   minus one: what the user sees, noise included.
 
-It also measures the fixed per-step cost (in-call time on a 2-layer MLP whose own step is tiny), the time of a
+It also measures one check's norm pass in the training loop (the floor of a synchronous check), the fixed
+per-step cost (in-call time on a 2-layer MLP whose own step is tiny), the time of a
 rollback from each tier against a step, the time of a disk snapshot's write (persist), and on CUDA the host
 synchronisations per steady-state step (``torch.cuda.set_sync_debug_mode``).
 
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "fsdp2_ranks": _world() if args.fsdp2 else None}}
     with tempfile.TemporaryDirectory() as tmp:
         result.update(_arms(model, optimizer, batches, train_step, args, device, Path(tmp)))
+        result["check_pass_ms"] = None if args.fsdp2 else _check_passes(model, optimizer, batches, train_step, device)
         result["fixed"] = None if args.fsdp2 else _fixed_cost(device, Path(tmp) / "fixed", args.block, args)
         result["rollback"] = _rollbacks(model, optimizer, batches, train_step, device, Path(tmp) / "rb",
                                         2 if args.quick else 5)
@@ -206,6 +208,29 @@ def _arms(model, optimizer, batches, train_step, args, device, tmp: Path) -> dic
             "persist_ms": {"median": 1e3 * statistics.median(persist), "n": len(persist)} if persist else None}
 
 
+def _check_passes(model, optimizer, batches, train_step, device) -> dict[str, float]:
+    """Median time of one check's norm pass and host read inside the training loop, unguarded: the gradients'
+    straight after backward, the weights' straight after the update (the floor of a synchronous check)."""
+    from gradience.norms import TotalNorm
+
+    grads_norm, weights_norm = TotalNorm(), TotalNorm()
+    weights = [p for p in model.parameters() if p.numel()]
+    grads_s, weights_s = [], []
+    for ids in batches:
+        optimizer.zero_grad(set_to_none=True)
+        train_step(model, ids).backward()
+        _sync(device)
+        t0 = time.perf_counter()
+        float(grads_norm([p.grad for p in weights if p.grad is not None]))
+        grads_s.append(time.perf_counter() - t0)
+        optimizer.step()
+        _sync(device)
+        t0 = time.perf_counter()
+        float(weights_norm(weights))
+        weights_s.append(time.perf_counter() - t0)
+    return {"grads": 1e3 * statistics.median(grads_s), "weights": 1e3 * statistics.median(weights_s)}
+
+
 def _persist_times(g: GradienceController) -> list[float]:
     return list(getattr(g.store, "write_seconds", []) if g.store is not None else [])
 
@@ -302,6 +327,10 @@ def _print(r: dict[str, Any]) -> None:
         lo, hi = a["end_to_end_range_pct"]
         print(f"{name:<30}{a['step_ms']:>7.2f} ms{a['in_call_ms']:>9.3f} ms{a['in_call_pct']:>10.2f}%"
               f"{a['end_to_end_pct']:>+14.1f} %  ({lo:+.1f} .. {hi:+.1f})")
+    c = r.get("check_pass_ms")
+    if c:
+        print(f"one check's norm pass in the loop (unguarded): gradients {c['grads']:.3f} ms, weights "
+              f"{c['weights']:.3f} ms")
     f = r["fixed"]
     if f is not None:
         print(f"fixed per-step cost (2-layer MLP, step {f['step_ms']:.3f} ms): {f['in_call_ms']:.3f} ms in the "
