@@ -14,6 +14,7 @@ from gradience.errors import ConfigError
 from gradience.risk import RiskBands, SpikeRule
 
 SNAPSHOT_TIERS = ("disk", "memory")
+SNAPSHOT_HOT = ("auto", "host", "off")
 SPECTRAL_DEFINITIONS = ("auto", "attention", "hidden_sigma")
 SPIKE_ACTIONS = ("off", "log", "skip", "rollback")
 logger = logging.getLogger(__name__)
@@ -51,13 +52,26 @@ class GradienceConfig:
     """Committed snapshots kept (plus the newest one that never failed, if older)."""
 
     guard_snapshot_tier: str = "disk"
-    """'disk': safetensors shards under out_dir/snapshots (survive a crash); 'memory': CPU copies."""
+    """'disk': safetensors shards under out_dir/snapshots (survive a crash); 'memory': in-memory copies only
+    (where guard_snapshot_hot places them)."""
+
+    guard_snapshot_hot: str = "auto"
+    """The hot tier: an in-memory copy of the newest snapshot, so a rollback reads no file. 'auto': device
+    memory while the copies fit guard_snapshot_hot_budget, else host memory (pinned under CUDA; the log says
+    when it falls back); 'host': host memory; 'off': none. With a hot tier a disk snapshot is a target from
+    its copy at once, and its shard is written from the copy in a background thread and committed on disk
+    (marker) once every rank's write finished: the persist never blocks a step. 'off' on the disk tier: the
+    shard is written on the training thread (unless guard_snapshot_commit_lag > 0) and restores read files.
+    The memory tier is the hot tier alone ('off' is refused there)."""
+
+    guard_snapshot_hot_budget: float = 0.25
+    """Share of the accelerator's memory that hot copies may hold ('auto'); beyond it they go to host memory."""
 
     guard_snapshot_commit_lag: int = 0
-    """0: write and commit a snapshot at its step. N > 0: copy the state at its step, write it in a background
-    thread and commit it N steps later unless a fault comes first (for large models, where a synchronous
-    write costs many steps; also keeps a state that goes bad within N steps from ever becoming a target).
-    With save_fn the write stays on the training thread (it reads live state); only the commit is delayed."""
+    """0: a snapshot becomes a rollback target at its step. N > 0: only N healthy steps later, unless a fault
+    comes first (a state that goes bad within N steps never becomes a target). Without a hot tier, N > 0 also
+    moves the disk write to a background thread (a copy is taken at the step); with save_fn the write stays on
+    the training thread (it reads live state) and only the commit is delayed."""
 
     guard_max_snapshot_failures: int = 2
     """A snapshot whose restores were followed by a fault this many times is never a target again."""
@@ -68,9 +82,10 @@ class GradienceConfig:
     guard_verdict: str = "auto"
     """'sync': the host reads every check in its own step (exact same-step detection; two host syncs and, with
     several ranks, two all-reduces per step). 'async': the gradient gate is decided on the device (the fused
-    optimizer's found_inf), one all-reduce per step, read back one step later: weight faults are acted on one
-    step late (the gate keeps the optimizer state clean meanwhile) and snapshots commit one step after their
-    step. 'auto': async on accelerators when the run allows it, sync on CPUs. Runs that cannot go async (an
+    optimizer's found_inf), no host sync; each verdict is read one step later, when the device has long
+    finished it: weight faults are acted on one step late (the gate keeps the optimizer state clean meanwhile),
+    skips are reported one step late (without tensor names) and snapshots commit one step after their step;
+    with several ranks the flags travel in two device all-reduces per step, enqueued on the stream. 'auto': async on accelerators when the run allows it, sync on CPUs. Runs that cannot go async (an
     optimizer without found_inf, a GradScaler, DeepSpeed/FSDP2 state, spike_action='skip', fingerprints, a
     loop that skips before_optimizer_step) stay sync, and the log says why."""
 
@@ -175,6 +190,13 @@ class GradienceConfig:
             raise ConfigError(f"guard_verdict must be 'auto', 'sync' or 'async', got {self.guard_verdict!r}")
         if self.guard_snapshot_tier not in SNAPSHOT_TIERS:
             raise ConfigError(f"guard_snapshot_tier must be one of {SNAPSHOT_TIERS}, got {self.guard_snapshot_tier!r}")
+        if self.guard_snapshot_hot not in SNAPSHOT_HOT:
+            raise ConfigError(f"guard_snapshot_hot must be one of {SNAPSHOT_HOT}, got {self.guard_snapshot_hot!r}")
+        if self.guard_snapshot_tier == "memory" and self.guard_snapshot_hot == "off":
+            raise ConfigError("guard_snapshot_tier='memory' keeps snapshots in the hot tier only: guard_snapshot_hot "
+                              "cannot be 'off' (use 'auto' or 'host')")
+        if not (0.0 <= self.guard_snapshot_hot_budget <= 1.0):
+            raise ConfigError(f"guard_snapshot_hot_budget must be in [0, 1], got {self.guard_snapshot_hot_budget!r}")
         if not (math.isfinite(self.collective_timeout_s) and self.collective_timeout_s > 0):
             raise ConfigError(f"collective_timeout_s must be a finite number > 0, got {self.collective_timeout_s!r}")
         if self.guard_snapshot_commit_lag and self.guard_snapshot_commit_lag >= self.guard_snapshot_interval:

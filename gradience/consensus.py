@@ -31,6 +31,7 @@ _FLAGS = (
     "violation_weights",
     "update_skipped",
     "scaler_overflow",
+    "persist_busy",
 )
 _MAGS = ("grad_norm", "weight_norm")
 _NAN = len(_FLAGS) + len(_MAGS)  # one "is NaN" flag per magnitude

@@ -24,6 +24,7 @@ from gradience.deferred import AsyncVerdict, Deferred
 from gradience.effects import Effects
 from gradience.errors import ConfigError, SnapshotError
 from gradience.guardrails import ProbeHealth, detect_scaler, install_sigterm, refuse_inside_join, unscale, watch_join
+from gradience.hot import HotTier
 from gradience.lr import LRScale, unwrap_optimizer, unwrap_scheduler
 from gradience.norms import TotalNorm
 from gradience.probe import probe_grad_tensors, probe_step
@@ -187,7 +188,9 @@ class GradienceController(Reports, Effects, AsyncVerdict):
         if self.config.fingerprint_interval:
             self._collective(None, check_replicas, self.comm, self.model)
         root = snapshot_root(out, list(self.global_ranks), world_size=_world_size() or comm.world_size)
-        self.store = SnapshotStore(root, comm, tier=self.config.guard_snapshot_tier, global_rank=self.global_rank)
+        hot = HotTier(self.config.guard_snapshot_hot, self.config.guard_snapshot_hot_budget)
+        self.store = SnapshotStore(root, comm, tier=self.config.guard_snapshot_tier, global_rank=self.global_rank,
+                                   hot=hot)
         target = Target(self.backend, optimizer, save_fn, load_fn, get_lr, set_lr, self.lr, scheduler)
         self.recovery = Recovery(self.store, comm, self.telemetry, self.config, target)
         if resume == "latest" and self._resume_latest():
@@ -196,6 +199,8 @@ class GradienceController(Reports, Effects, AsyncVerdict):
         # reset() removed every earlier snapshot: a restored GuardState must not name them as targets.
         self.state = dataclasses.replace(self.state, committed=(), target_failures=(), episode_target=None)
         self._snapshot(start_step, background=False)
+        if self.store.persisting_id is not None:  # not a step: the first target is on disk before training
+            self._collective(None, self.recovery.persist, start_step)
         if not self.state.committed:
             error = self.store.last_error
             raise SnapshotError(f"could not commit the initial snapshot under {root}: "
@@ -333,6 +338,13 @@ class GradienceController(Reports, Effects, AsyncVerdict):
         if self.recovery is not None and self.recovery.pending is not None:
             # finalize() is not collective, so an in-flight snapshot cannot be agreed on: drop it.
             self.recovery.abandon(self.last_step)
+        if self.store is not None and self.store.persisting_id is not None:
+            if self.comm.world_size == 1:  # a group of one agrees alone: the last snapshot reaches the disk
+                self.recovery.persist(self.last_step)
+            else:
+                logger.info("Gradience: snapshot %s was still being written at finalize (not collective): it is "
+                            "not committed on disk; the previous one is the resume point", self.store.persisting_id)
+                self.store.abandon_persist()
         summary = self.summary()
         written = self.telemetry.write_summary(summary)
         self.telemetry.emit("summary", **summary, summary_path=str(self.telemetry.summary_path))
@@ -368,6 +380,8 @@ class GradienceController(Reports, Effects, AsyncVerdict):
             self.telemetry.emit("probe_error", step=step, phase=phase, **self._blame(verdict), **event)
 
     def _agree(self, report: ProbeReport, tick: int | None = None) -> Verdict:
+        if report.phase is Phase.STEP and self.store is not None and self.store.persist_busy():
+            report = dataclasses.replace(report, persist_busy=True)  # no marker while any rank writes
         return self._collective(report.step, agree, report, self.comm, tick)
 
     def _spectral_reduce(self) -> Callable[[torch.Tensor], torch.Tensor] | None:

@@ -1,23 +1,24 @@
-"""The asynchronous verdict (``guard_verdict="async"``): the gradient gate decided on the device, one all-reduce
-per step, the host reading the verdict one step later.
+"""The asynchronous verdict (``guard_verdict="async"``): the gradient gate decided on the device, the host reading
+every verdict one step later, without waiting for the device.
 
 Per step ``t``:
 
-* ``gate(t)`` (before ``optimizer.step()``): the gradients' total norm and this step's loss, plus the weights,
-  buffers and loss that ``note_step(t-1)`` left on the device, become flags in one float64 vector on the
-  device; one MAX all-reduce (enqueued on the stream under NCCL) makes them every rank's; the fused optimizer
-  reads the result as ``found_inf`` and skips the update on the device, as under a ``GradScaler``: parameters,
-  moments and step counts stay bitwise unchanged. The vector is copied to pinned host memory behind an event.
-* ``read()`` (in ``step(t)``, after the update was enqueued): waits on that event, which was recorded before the
-  optimizer's kernels, so the device keeps running the update meanwhile, and returns the gradients' verdict of
-  ``t`` and the weights' verdict of ``t-1``.
-* ``note_step(t)``: the weights' check of ``t`` on the device, for ``gate(t+1)``.
+* ``gate(t)`` (before ``optimizer.step()``): the gradients' total norm and this step's loss become flags in a
+  float64 vector on the device; with several ranks one MAX all-reduce (enqueued on the stream under NCCL) makes
+  them every rank's; the fused optimizer reads the result as ``found_inf`` and skips the update on the device,
+  as under a ``GradScaler``: parameters, moments and step counts stay bitwise unchanged.
+* ``note_step(t)`` (in ``step(t)``, after the update was enqueued): the weights', buffers' and loss's flags of
+  ``t`` in a second vector, agreed the same way.
+* Each vector is copied to pinned host memory behind an event. ``read()`` in ``step(t+1)`` takes the vectors of
+  ``t``: by then the device has long finished them (it waits only if the host ran more than a step ahead), so
+  the host never stops for the device in the steady state.
 
-So a bad gradient is skipped in its own step, and a weight fault is acted on one step later; in between the
-gate skips the update it would poison (NaN weights give NaN gradients, and the weights' flags of ``t-1`` close
-the gate of ``t`` themselves). The price of deciding on the device: a total norm above
-``guard_violation_threshold`` counts as a violation (the exact max|x| fallback would need the host), and an
-overflowing norm as non-finite.
+So a bad gradient is skipped in its own step on the device and reported one step later, and a weight fault of
+step ``t`` is acted on in ``step(t+1)``; in between the gate skips the update it would poison (NaN weights
+give NaN gradients). The price of deciding on the device: a total norm above ``guard_violation_threshold``
+counts as a violation (the exact max|x| fallback would need the host), and an overflowing norm as non-finite.
+Nothing is written into a device tensor from a host number in the steady state: each such write is a
+synchronous copy.
 """
 
 from __future__ import annotations
@@ -40,11 +41,11 @@ from gradience.types import Action, Phase, Reason, Verdict
 logger = logging.getLogger(__name__)
 
 MODES = ("auto", "sync", "async")
-_G = 4  # gradient block: nonfinite, violation, norm (inf for NaN), NaN, loss (-inf: none)
-_W = _G + 5  # weights block: present, nonfinite w, violation w, NaN buffer, nonfinite loss, violation loss,
-#              norm (inf for NaN), NaN, loss (-inf: none)
-_R = _W + 9  # one slot per rank for the gradients' faults, then one per rank for the weights'
-_CODE = KINDS.index("check:grads") + 1
+_HEAD = 4  # frame (several ranks): call kind, -kind, call count, -count (MAX exposes ranks in different calls)
+# Gradients: norm (NaN as +inf, so MAX reduces it), NaN?, loss (-inf: none).
+# Weights: norm (NaN as +inf), NaN?, a buffer NaN?, loss (-inf: none), max |loss| (NaN as +inf), a rank still
+# writing a snapshot's shard. Flags are derived on the host from these; several ranks add one slot per rank.
+_GRADS, _STEP = KINDS.index("check:grads") + 1, KINDS.index("check:step") + 1
 
 
 def refusal(config: Any, optimizer: Any, backend: Any, comm: Any, scaler: Any) -> str | None:
@@ -70,68 +71,46 @@ def refusal(config: Any, optimizer: Any, backend: Any, comm: Any, scaler: Any) -
     return None
 
 
-class Deferred:
-    """Device-side flags and their delayed read-back for one controller (see the module docstring)."""
+class _Channel:
+    """One kind of flags vector: with several ranks its device-side frame (no host write per step) and the
+    all-reduce; the staged host copy."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, comm: Any, threshold: float) -> None:
-        self.optimizer, self.comm, self.threshold = optimizer, comm, threshold
-        self.device = next(p.device for g in optimizer.param_groups for p in g["params"])
-        self._grads, self._weights, self._buffers = TotalNorm(), TotalNorm(), TotalNorm()
-        self._noted: torch.Tensor | None = None  # weights block left by note_step
-        self._pending: tuple[Any, torch.Tensor, int] | None = None  # (event, host vector, step) of the last gate
-        self._seq = 0
-        self._n = _R + 2 * comm.world_size
+    def __init__(self, kind: int, comm: Any, device: torch.device) -> None:
+        self.comm, self.device = comm, device
+        self.several = comm.world_size > 1
+        self.off = _HEAD if self.several else 0
+        if self.several:
+            self._head = torch.tensor([kind, -kind, 0.0, -0.0], dtype=torch.float64, device=device)
+            self._tick = torch.tensor([0.0, 0.0, 1.0, -1.0], dtype=torch.float64, device=device)
+        self.staged: tuple[Any, torch.Tensor, int] | None = None  # (event, host vector, step)
 
-    # ---------------------------------------------------------------- per step
-    @torch.no_grad()
-    def gate(self, grads: list[torch.Tensor], loss: torch.Tensor | float | None, step: int) -> None:
-        """Flags of this step's gradients (and the noted weights), agreed on the device; sets ``found_inf``."""
-        self._seq += 1
-        vec = torch.zeros(self._n, dtype=torch.float64, device=self.device)
-        vec[0], vec[1], vec[2], vec[3] = _CODE, -_CODE, self._seq, -self._seq
-        norm = self._grads(grads, self.device)
-        vec[_G:_W] = torch.stack([*self._screen(norm), _enc(norm), norm.isnan().double(),
-                                  _loss_stats(loss, self.device)[0]])
-        if self._noted is not None:
-            vec[_W:_R] = self._noted
-        rank, ws = self.comm.rank, self.comm.world_size
-        vec[_R + rank] = vec[_G:_G + 2].amax()
-        vec[_R + ws + rank] = vec[_W + 1:_W + 6].amax() * vec[_W]
-        if self.comm.world_size > 1:
+    def send(self, values: list[torch.Tensor], bad: Any, step: int) -> torch.Tensor:
+        """Pack ``values`` (0-d float64 tensors; ``bad()``: this rank's fault flag, asked for with several
+        ranks only), all-reduce them with several ranks, stage the host copy; returns the (reduced) vector."""
+        vec = torch.stack(values)
+        if self.several:
+            self._head.add_(self._tick)
+            slots = torch.zeros(self.comm.world_size, dtype=torch.float64, device=self.device)
+            slots[self.comm.rank] = bad()
+            vec = torch.cat([self._head, vec, slots])
             self.comm.all_reduce_device_max(vec)
-        bad = vec[_R:].amax()  # any rank's gradients or noted weights
-        self.optimizer.found_inf = (bad > 0).to(torch.float32)
         if self.device.type == "cuda":
-            host = torch.empty(self._n, dtype=torch.float64, pin_memory=True)
+            host = torch.empty(vec.numel(), dtype=torch.float64, pin_memory=True)
             host.copy_(vec, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
         else:
             host, event = vec, None
-        self._pending = (event, host, step)
-        self._noted = None
+        self.staged = (event, host, step)
+        return vec
 
-    @torch.no_grad()
-    def note_step(self, weights: list[torch.Tensor], buffers: list[torch.Tensor], loss: Any) -> None:
-        """The weights' check of this step, left on the device for the next gate."""
-        norm = self._weights(weights, self.device)
-        b_nan = self._buffers(buffers, self.device).isnan().double()
-        mean, big = _loss_stats(loss, self.device)
-        l_nonfinite = (~big.isfinite()).double()
-        l_violation = (big.isfinite() & (big > self.threshold)).double()
-        one = torch.ones((), dtype=torch.float64, device=self.device)
-        self._noted = torch.stack([one, *self._screen(norm), b_nan, l_nonfinite, l_violation, _enc(norm),
-                                   norm.isnan().double(), mean])
-
-    def pending(self) -> bool:
-        """Whether a gate's vector waits to be read."""
-        return self._pending is not None
-
-    def read(self, timeout_s: float) -> tuple[Verdict, Verdict | None]:
-        """(this step's gradients' verdict, the previous step's weights' verdict or None) from the last gate;
-        both labelled with this step."""
-        event, host, step = self._pending
-        self._pending = None
+    def take(self, staged: tuple[Any, torch.Tensor, int] | None,
+             timeout_s: float) -> tuple[list[float], tuple[int, ...] | None, int] | None:
+        """A staged vector's (values, the ranks that flagged a fault or None with one rank, step), waiting within
+        the deadline only if the device is behind."""
+        if staged is None:
+            return None
+        event, host, step = staged
         if event is not None:
             deadline = time.monotonic() + timeout_s
             pause = 1e-5
@@ -141,23 +120,89 @@ class Deferred:
                 time.sleep(pause)
                 pause = min(pause * 2, 1e-3)
         v = host.tolist()
+        if not self.several:
+            return v, None, step
         if v[0] != -v[1] or v[2] != -v[3]:
             raise CollectiveMismatch(
-                f"ranks are not making the same Gradience call at step {step}: gate call counts {-v[3]:g} vs "
+                f"ranks are not making the same Gradience call at step {step}: call counts {-v[3]:g} vs "
                 f"{v[2]:g}. Every rank must call before_optimizer_step/step the same number of times.")
         ws = self.comm.world_size
-        grads = Verdict(phase=Phase.GRADS, step=step, world_size=ws, nonfinite_grads=v[_G] > 0,
-                        violation_grads=v[_G + 1] > 0, grad_norm=math.nan if v[_G + 3] > 0 else v[_G + 2],
-                        loss=v[_G + 4] if v[_G + 4] != -math.inf else None,
-                        faulty_ranks=tuple(r for r in range(ws) if v[_R + r] > 0))
-        if not v[_W]:
-            return grads, None
-        weights = Verdict(phase=Phase.STEP, step=step, world_size=ws,
-                          nonfinite_weights=v[_W + 1] > 0, violation_weights=v[_W + 2] > 0,
-                          nonfinite_buffers=v[_W + 3] > 0, nonfinite_loss=v[_W + 4] > 0,
-                          violation_loss=v[_W + 5] > 0, weight_norm=math.nan if v[_W + 7] > 0 else v[_W + 6],
-                          loss=v[_W + 8] if v[_W + 8] != -math.inf else None,
-                          faulty_ranks=tuple(r for r in range(ws) if v[_R + ws + r] > 0))
+        return v[_HEAD:-ws], tuple(r for r, x in enumerate(v[-ws:]) if x > 0), step
+
+
+class Deferred:
+    """Device-side flags and their delayed read-back for one controller (see the module docstring)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, comm: Any, threshold: float) -> None:
+        self.optimizer, self.comm, self.threshold = optimizer, comm, threshold
+        self.device = next(p.device for g in optimizer.param_groups for p in g["params"])
+        self._grads, self._weights, self._buffers = TotalNorm(), TotalNorm(), TotalNorm()
+        self._g = _Channel(_GRADS, comm, self.device)
+        self._w = _Channel(_STEP, comm, self.device)
+        self._read: tuple[Any, torch.Tensor, int] | None = None  # the previous gate's, read in this step
+        self._gated = False
+        self._zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._one = torch.ones((), dtype=torch.float64, device=self.device)
+        self._none = torch.full((), -math.inf, dtype=torch.float64, device=self.device)
+
+    # ---------------------------------------------------------------- per step
+    @torch.no_grad()
+    def gate(self, grads: list[torch.Tensor], loss: torch.Tensor | float | None, step: int) -> None:
+        """Flags of this step's gradients, agreed on the device; sets ``found_inf``."""
+        self._read, self._g.staged = self._g.staged, None  # the previous step's, for read()
+        raw = self._grads(grads, self.device)
+        norm = _enc(raw)  # NaN -> inf: "not <= threshold" either way
+        vec = self._g.send([norm, raw.isnan().double(), self._loss(loss)[0]],
+                           lambda: (norm > self.threshold).double(), step)
+        self.optimizer.found_inf = (vec[self._g.off] > self.threshold).float()
+        self._gated = True
+
+    @torch.no_grad()
+    def note_step(self, weights: list[torch.Tensor], buffers: list[torch.Tensor], loss: Any, step: int, *,
+                  busy: bool = False) -> None:
+        """The weights' check of this step, agreed on the device and read in the next step. ``busy``: this
+        rank is still writing a snapshot's shard."""
+        raw = self._weights(weights, self.device)
+        norm = _enc(raw)
+        b_nan = self._buffers(buffers, self.device).isnan().double() if buffers else self._zero
+        mean, big = self._loss(loss)
+        big = _enc(big)
+        t = self.threshold
+        self._w.send([norm, raw.isnan().double(), b_nan, mean, big, self._one if busy else self._zero],
+                     lambda: ((norm > t) | (b_nan > 0) | (big > t)).double(), step)
+
+    def pending(self) -> bool:
+        """Whether this step's gate ran (``step()`` then reads the previous step's verdicts)."""
+        return self._gated
+
+    def forget(self) -> None:
+        """Drop the verdicts in flight (after a rollback they describe a state that is gone)."""
+        self._read = self._g.staged = self._w.staged = None
+
+    def read(self, timeout_s: float) -> tuple[Verdict | None, Verdict | None]:
+        """(the previous step's gradients' verdict, the previous step's weights' verdict), either None when
+        there was none; both labelled with the step they describe."""
+        self._gated = False
+        staged, self._read = self._read, None
+        ws, t = self.comm.world_size, self.threshold
+        grads = weights = None
+        taken = self._g.take(staged, timeout_s)
+        if taken is not None:
+            (norm, nan, loss), ranks, at = taken
+            bad = not norm <= t
+            grads = Verdict(phase=Phase.GRADS, step=at, world_size=ws, nonfinite_grads=norm == math.inf,
+                            violation_grads=math.isfinite(norm) and norm > t, grad_norm=math.nan if nan else norm,
+                            loss=loss if loss != -math.inf else None,
+                            faulty_ranks=ranks if ranks is not None else ((0,) if bad else ()))
+        taken, self._w.staged = self._w.take(self._w.staged, timeout_s), None
+        if taken is not None:
+            (norm, nan, b_nan, loss, big, busy), ranks, at = taken
+            bad = not norm <= t or b_nan > 0 or not big <= t
+            weights = Verdict(phase=Phase.STEP, step=at, world_size=ws, nonfinite_weights=norm == math.inf,
+                              violation_weights=math.isfinite(norm) and norm > t, nonfinite_buffers=b_nan > 0,
+                              nonfinite_loss=big == math.inf, violation_loss=math.isfinite(big) and big > t,
+                              weight_norm=math.nan if nan else norm, loss=loss if loss != -math.inf else None,
+                              persist_busy=busy > 0, faulty_ranks=ranks if ranks is not None else ((0,) if bad else ()))
         return grads, weights
 
     def release(self) -> None:
@@ -165,41 +210,47 @@ class Deferred:
         if "found_inf" in self.optimizer.__dict__:
             del self.optimizer.found_inf
 
-    def _screen(self, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        finite = norm.isfinite()
-        return (~finite).double(), (finite & (norm > self.threshold)).double()
+    def _loss(self, loss: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return _loss_stats(loss, self.device, self._none, self._zero)
 
 
 class AsyncVerdict:
     """The controller's side of the asynchronous verdict (a mixin of :class:`GradienceController`)."""
 
     def _step_async(self, step: int, loss: torch.Tensor | float | None, tick: int) -> bool:
-        """``step`` under the asynchronous verdict: act on this step's gradients and the last step's weights
-        (read from the gate's vector), then leave this step's weights' check on the device for the next gate."""
+        """``step`` under the asynchronous verdict: act on the previous step's gradients and weights (their
+        vectors are done by now), then leave this step's weights' check on the device for the next step."""
         d = self._deferred
         grads, weights = self._collective(step, d.read, self.config.collective_timeout_s)
         d.release()
-        skipped = grads.fault_reason() is not None or (weights is not None and weights.fault_reason() is not None)
-        self._prior = self.state
-        self.state, decision = policy.decide(self.state, grads, self.config)
-        if decision.reason is Reason.SPIKE and decision.action is Action.CONTINUE:
-            self.telemetry.emit("spike", step=step, action="log", detail=decision.detail, **self._blame(grads))
-        if decision.action is Action.SKIP_STEP:
-            bad = self.backend.bad(self.config.guard_violation_threshold, grads=True)
-            self.telemetry.emit("skip_step", step=step, reason=decision.reason, **self._blame(grads),
-                                grad_norm=grads.grad_norm, bad=bad, detail=decision.detail)
-        elif decision.action is not Action.CONTINUE:
-            self._act(step, grads, decision)  # a rollback or a halt: the weights' verdict is moot
-        if decision.action in (Action.CONTINUE, Action.SKIP_STEP):
+        decision = None
+        rollbacks = self.state.total_rollbacks
+        if grads is not None:
+            self._prior = self.state
+            self.state, decision = policy.decide(self.state, grads, self.config)
+            if decision.reason is Reason.SPIKE and decision.action is Action.CONTINUE:
+                self.telemetry.emit("spike", step=grads.step, action="log", detail=decision.detail,
+                                    **self._blame(grads))
+            if decision.action is Action.SKIP_STEP:
+                # The device skipped it a step ago; its gradients are released by now, so no tensor names.
+                self.telemetry.emit("skip_step", step=grads.step, reason=decision.reason, **self._blame(grads),
+                                    grad_norm=grads.grad_norm, bad=None, detail=decision.detail)
+            elif decision.action is not Action.CONTINUE:
+                self._act(step, grads, decision)  # a rollback or a halt: the weights' verdict is moot
+        if decision is None or decision.action in (Action.CONTINUE, Action.SKIP_STEP):
+            skipped = grads is not None and grads.fault_reason() is not None
             base = weights or Verdict(phase=Phase.STEP, step=step, world_size=self.comm.world_size)
             verdict = dataclasses.replace(base, tick=tick, update_skipped=skipped)
             self.last_loss = verdict.loss if weights is not None else self.last_loss
             if self._spectral is not None and policy.spectral_due(tick, self.config, self.state):
                 verdict = dataclasses.replace(verdict, **self._spectral.measure())
             self._decide_step(step, verdict, verified=True)
+        if self.state.total_rollbacks != rollbacks:
+            d.forget()  # this step's gate and loss judged the state that was just replaced
+            loss = None
         if not self.halted:
             weights_now, buffers = self.backend.check_tensors()
-            d.note_step(weights_now, buffers, loss)
+            d.note_step(weights_now, buffers, loss, step, busy=self.store is not None and self.store.persist_busy())
         return not self.halted
 
     def _choose_verdict(self, scaler: Any) -> None:
@@ -226,10 +277,11 @@ def _enc(norm: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(norm, nan=math.inf, posinf=math.inf)
 
 
-def _loss_stats(loss: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _loss_stats(loss: Any, device: torch.device, none: torch.Tensor, zero: torch.Tensor,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, max |element|) of the loss as 0-d float64 tensors on ``device``, by the probe's rule for what is
-    read of a loss; (-inf, 0) when there is none. A NaN mean reads as -inf, "none", for the spike rule (the
-    maximum carries the NaN to the loss check)."""
+    read of a loss; (``none`` = -inf, ``zero``) when there is none. A NaN mean reads as -inf, "none", for the
+    spike rule (the maximum carries the NaN to the loss check)."""
     reads = loss_reads(loss)
     if len(reads) == 1:
         mean = reads[0].to(device, torch.float64)
@@ -240,6 +292,5 @@ def _loss_stats(loss: Any, device: torch.device) -> tuple[torch.Tensor, torch.Te
         mean = torch.full((), float(loss), dtype=torch.float64, device=device)
         big = mean.abs()
     else:
-        return (torch.full((), -math.inf, dtype=torch.float64, device=device),
-                torch.zeros((), dtype=torch.float64, device=device))
+        return none, zero
     return torch.nan_to_num(mean, nan=-math.inf), big

@@ -48,6 +48,10 @@ class Effects:
 
     def _act(self, step: int, verdict: Verdict, decision: Decision, *, verified: bool = True) -> None:
         rec = self.recovery
+        if rec is not None and self.store.persisting_id is not None and (
+                decision.action in (Action.SNAPSHOT, Action.HALT) or not verdict.persist_busy):
+            # Every rank sees the same verdict: the marker is written together, once no rank is still writing.
+            self._collective(step, rec.persist, step)
         if rec is not None and rec.pending is not None:
             # Every rank sees the same decisions and ticks, so they finish or drop it at the same point.
             if decision.action in (Action.ROLLBACK, Action.HALT):
@@ -95,6 +99,7 @@ class Effects:
                 self.telemetry.emit(
                     "rollback_success", step=step, to_step=self.recovery.labels.get(sid), to_snapshot=sid,
                     reason=first_reason, lr=self._lr(), lr_scale=self.state.lr_scale, **self._blame(verdict),
+                    restored_from="memory" if prepared.path is None else "disk",
                     bad=bad, total_rollbacks=self.state.total_rollbacks,
                     replicas_repaired=verdict.replica_divergence, detail=decision.detail)
                 self._warn_backoff(step)

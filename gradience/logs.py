@@ -285,7 +285,8 @@ def _skip_step(lg: EventLogger, r: Mapping[str, Any]) -> _Out:
 def _rollback_success(lg: EventLogger, r: Mapping[str, Any]) -> _Out:
     names, more = _bad_names(r)
     lr = f" (lr {_t(r.get('lr'))})" if r.get("lr") is not None else ""
-    msg = (f"rolled back{_at(r.get('step'))} to the snapshot of step {_t(r.get('to_step'))} "
+    src = f" (read from {_t(r['restored_from'])})" if r.get("restored_from") else ""
+    msg = (f"rolled back{_at(r.get('step'))} to the snapshot of step {_t(r.get('to_step'))}{src} "
            f"({_t(r.get('reason'))}{_on_ranks(r.get('faulty_ranks'))}{_in_bad(names, more)}); "
            f"LR scale now {_t(r.get('lr_scale'))}{lr}; rollback {_t(r.get('total_rollbacks'))}")
     return logging.WARNING, msg, _evidence(lg, r, names)
@@ -339,6 +340,15 @@ def _snapshot(lg: EventLogger, r: Mapping[str, Any]) -> _Out:
         return logging.INFO, f"dropped the pending snapshot of step {_t(step)}: a fault came before its commit", False
     why = f": {_t(error)}" if error else " (failed on another rank)"
     return logging.WARNING, f"snapshot of step {_t(step)} was not committed{why}", bool(error)
+
+
+def _persist(lg: EventLogger, r: Mapping[str, Any]) -> _Out:
+    step = _t(r.get("step"))
+    if r.get("event") == "snapshot_persisted":
+        return logging.DEBUG, f"snapshot of step {step} written to disk ({_t(r.get('path'))})", False
+    error = r.get("local_error")
+    return (logging.WARNING, f"snapshot of step {step} could not be written to disk: {_t(error)}; it stays a "
+            "rollback target while its in-memory copy is held", bool(error) and error != "another rank failed")
 
 
 def _lr_backoff_unavailable(lg: EventLogger, r: Mapping[str, Any]) -> _Out:
@@ -419,6 +429,8 @@ _FORMATTERS = {
     "fault": _fault,
     "probe_error": _probe_error,
     "snapshot": _snapshot,
+    "snapshot_persisted": _persist,
+    "snapshot_persist_failed": _persist,
     "lr_backoff_unavailable": _lr_backoff_unavailable,
     "resume": _resume,
     "start": _start,

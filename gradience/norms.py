@@ -74,7 +74,9 @@ def _groups(tensors: Iterable[torch.Tensor | None]) -> dict[tuple[torch.device, 
     return groups
 
 
-def _foreach(group: list[torch.Tensor], dtype: torch.dtype, ord: float) -> list[torch.Tensor]:
+def per_tensor(group: list[torch.Tensor], dtype: torch.dtype, ord: float) -> list[torch.Tensor]:
+    """The ``ord``-norm of each tensor of ``group`` (all of ``dtype``, one device) as 0-d tensors, fused where
+    the dtype allows; float32 is accumulated for 16-bit dtypes."""
     if dtype is torch.float64 or dtype is torch.float32:
         return list(torch._foreach_norm(group, ord))  # no dtype=: the upcast path is a third slower on CPU
     if dtype in _DIRECT:
@@ -91,7 +93,7 @@ def max_abs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     For complex tensors this is the largest component, not the largest magnitude (see
     :func:`gradience.probe.screen`).
     """
-    parts = [torch.stack(_foreach(g, dtype, math.inf)).max().to(torch.float64)
+    parts = [torch.stack(per_tensor(g, dtype, math.inf)).max().to(torch.float64)
              for (_, dtype), g in _groups(tensors).items()]
     if not parts:
         return torch.zeros((), dtype=torch.float64)
@@ -112,7 +114,9 @@ class TotalNorm:
         self._key: tuple | None = None
         #: (flat copy?, device, dtype, flat buffer) per group.
         self._plan: list[tuple[bool, torch.device, torch.dtype, torch.Tensor | None]] = []
-        #: The list passed in is exactly the plan's one flat group (every tensor a strided float of one dtype).
+        #: The list passed in is exactly the plan's one group (every tensor a strided float of one dtype and
+        #: device): later calls with the same shapes skip the grouping walk. A tensor that changed dtype or
+        #: device since makes the reduction raise, and the plan is rebuilt.
         self._direct = False
 
     @torch.no_grad()
@@ -142,9 +146,9 @@ class TotalNorm:
         return torch.stack([p.to(device, torch.float64) for p in parts]).sum().sqrt()
 
     def _squares(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        if self._direct:
-            _, _, dtype, buf = self._plan[0]
-            return [_flat_square(tensors, dtype, buf)]
+        if self._direct:  # one group, the list itself: no per-tensor grouping walk
+            flat, _, dtype, buf = self._plan[0]
+            return [_flat_square(tensors, dtype, buf) if flat else _foreach_square(list(tensors), dtype)]
         groups = _groups(tensors)
         if len(groups) != len(self._plan):
             raise KeyError("the tensors' (device, dtype) groups changed")
@@ -162,7 +166,7 @@ class TotalNorm:
             buf = torch.empty(1, numel, dtype=dtype, device=device) if flat else None
             self._plan.append((flat, device, dtype, buf))
         only = next(iter(groups.values()), [])
-        self._direct = (len(self._plan) == 1 and self._plan[0][0] and len(only) == len(tensors)
+        self._direct = (len(self._plan) == 1 and len(only) == len(tensors)
                         and all(a is b for a, b in zip(only, tensors, strict=True)))
         self._key = key
 
@@ -180,7 +184,7 @@ def _flat_square(group: Sequence[torch.Tensor], dtype: torch.dtype, buf: torch.T
 
 
 def _foreach_square(group: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    norms = torch.stack(_foreach(group, dtype, 2.0))
+    norms = torch.stack(per_tensor(group, dtype, 2.0))
     return torch.dot(norms, norms)
 
 

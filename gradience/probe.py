@@ -18,7 +18,7 @@ from typing import TypedDict
 
 import torch
 
-from gradience.norms import TotalNorm, max_abs, total_norm
+from gradience.norms import TotalNorm, max_abs, per_tensor, total_norm
 from gradience.norms import values as _values
 from gradience.types import Phase, ProbeReport
 
@@ -38,7 +38,6 @@ class BadTensors(TypedDict):
     skipped: list[str]
 
 
-@torch.no_grad()
 def screen(tensors: Sequence[torch.Tensor], norm: float, threshold: float) -> tuple[bool, bool]:
     """(non-finite, violation) from a :func:`~gradience.norms.TotalNorm` value, computing the exact max|x| only if needed.
 
@@ -49,6 +48,11 @@ def screen(tensors: Sequence[torch.Tensor], norm: float, threshold: float) -> tu
         return True, False
     if norm <= threshold:
         return False, False
+    with torch.no_grad():
+        return _screen_exact(tensors, threshold)
+
+
+def _screen_exact(tensors: Sequence[torch.Tensor], threshold: float) -> tuple[bool, bool]:
     exact = float(max_abs(tensors))
     if not math.isfinite(exact):
         return True, False
@@ -131,7 +135,7 @@ def loss_reads(loss: torch.Tensor | float | None) -> list[torch.Tensor]:
         return []
     t = loss.detach()
     if t.numel() == 1 and t.is_floating_point():  # the common case: read as is
-        return [t.reshape(())]
+        return [t if t.dim() == 0 else t.reshape(())]
     if t.is_complex():
         t = t.to(torch.complex128).abs()
     t = t.to(torch.float64).reshape(-1)
@@ -235,13 +239,41 @@ def _offends(t: torch.Tensor | None, threshold: float, nan_only: bool) -> bool:
     return any(screen([v], norm, threshold))
 
 
+def _offending(tensors: Sequence[torch.Tensor | None], threshold: float, nan_only: bool) -> list[bool]:
+    """:func:`_offends` for many tensors at once: one max|x| per tensor, fused per (device, dtype), and one
+    host read per group (a rollback on a GPU must not pay a sync per tensor)."""
+    groups: dict[tuple[torch.device, torch.dtype], list[tuple[int, torch.Tensor]]] = {}
+    for i, t in enumerate(tensors):
+        v = _values(t)
+        if v is None:
+            continue
+        if v.is_complex():
+            v = torch.view_as_real(v)
+        groups.setdefault((v.device, v.dtype), []).append((i, v))
+    out = [False] * len(tensors)
+    with torch.no_grad():
+        for (_, dtype), members in groups.items():
+            peaks = torch.stack(per_tensor([v for _, v in members], dtype, math.inf)).double().tolist()
+            for (i, _), peak in zip(members, peaks, strict=True):
+                out[i] = math.isnan(peak) if nan_only else not peak <= threshold
+    return out
+
+
 def _scan(named: Iterable[tuple[str, torch.Tensor | None]], kind: str, found: BadTensors, *, threshold: float,
           nan_only: bool, limit: int) -> None:
     """Add the offenders among ``named`` to ``found[kind]`` (or count them in ``found["more"]``)."""
-    for name, t in named:
-        try:
-            bad = _offends(t, threshold, nan_only)
-        except Exception:  # a tensor we cannot read is reported as such; diagnostics must not break the step
+    named = list(named)
+    try:
+        flags: list[bool | None] = list(_offending([t for _, t in named], threshold, nan_only))
+    except Exception:  # one unreadable tensor: find it (and the offenders) one at a time
+        flags = []
+        for _, t in named:
+            try:
+                flags.append(_offends(t, threshold, nan_only))
+            except Exception:  # reported as such; diagnostics must not break the step
+                flags.append(None)
+    for (name, _), bad in zip(named, flags, strict=True):
+        if bad is None:
             if len(found["skipped"]) < limit:
                 found["skipped"].append(name)
             continue

@@ -61,10 +61,10 @@ class Recovery:
         if t.save_fn is not None:
             self.store.begin(sid, step=label, meta=meta, extra=extra, save_fn=t.save_fn)
         else:
-            # A background write reads the copy while training goes on: it must not alias live tensors.
-            copy = self.config.guard_snapshot_tier == "memory" or background
+            # A background write or a kept copy is read while training goes on: it must not alias live tensors.
+            copy = self.config.guard_snapshot_tier == "memory" or background or self.config.guard_snapshot_hot != "off"
             self.store.begin(sid, step=label, meta=meta, extra=extra, background=background,
-                             capture=lambda: t.backend.capture(copy=copy))
+                             capture=lambda where: t.backend.capture(copy=copy, where=where))
 
     @property
     def pending(self) -> int | None:
@@ -76,9 +76,11 @@ class Recovery:
         sid = self.store.pending_id
         ok = self.store.finish()
         error = self.store.last_error
+        on_disk = ok and self.store.tier == "disk" and self.store.persisting_id != sid  # else: snapshot_persisted
         self.telemetry.emit("snapshot", step=self.labels.get(sid), snapshot_id=sid, committed=ok,
                             committed_at=at_label, tier=self.config.guard_snapshot_tier,
-                            path=str(self.store.snapshot_dir(sid)) if ok and self.store.tier == "disk" else None,
+                            in_memory=ok and self.store.persisting_id == sid,
+                            path=str(self.store.snapshot_dir(sid)) if on_disk else None,
                             local_error=f"{type(error).__name__}: {error}" if error else
                             (None if ok else "another rank failed"))
         self.pending_due = None
@@ -92,6 +94,21 @@ class Recovery:
             self.telemetry.emit("snapshot", step=self.labels.get(sid), snapshot_id=sid, committed=False,
                                 committed_at=None, tier=self.config.guard_snapshot_tier, path=None,
                                 abandoned_at=at_label)
+
+    def persist(self, at_label: int | None) -> bool | None:
+        """*Collective.* Write the marker of the snapshot committed from memory once its shards are written;
+        a failure is reported (the snapshot stays a target while its in-memory copy is held)."""
+        sid = self.store.persisting_id
+        ok = self.store.persist()
+        if ok is False:
+            error = self.store.last_error
+            self.telemetry.emit("snapshot_persist_failed", step=self.labels.get(sid), snapshot_id=sid,
+                                at=at_label, local_error=f"{type(error).__name__}: {error}" if error else
+                                "another rank failed")
+        elif ok:
+            self.telemetry.emit("snapshot_persisted", step=self.labels.get(sid), snapshot_id=sid, at=at_label,
+                                path=str(self.store.snapshot_dir(sid)))
+        return ok
 
     def prune(self, keep: tuple[int, ...]) -> None:
         """*Collective* (disk tier). Delete snapshots not in ``keep``."""

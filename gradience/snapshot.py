@@ -14,7 +14,13 @@ all-reduce carries failure flags, SHA-256s, sizes and global ranks), rank 0 then
 :func:`gradience.shardio.load_marker`; temp -> fsync -> rename) and reported success (a second all-reduce).
 A marker always lists complete shards: prune and reset remove it and every rank waits for that before
 deleting its shard. Restores verify the SHA-256 before anything is loaded. The memory tier runs the same
-protocol with CPU copies and touches no disk.
+protocol with in-memory copies and touches no disk.
+
+With a hot tier (:mod:`gradience.hot`) the disk tier commits in two phases: at the commit point every rank
+agrees that its in-memory copy was taken, and the snapshot becomes a rollback target served from that copy;
+the shard is written from the copy in a background thread meanwhile, and :meth:`SnapshotStore.persist` (called
+once every rank's write has finished, so the step never waits) exchanges the hashes and writes the marker.
+Until then the snapshot survives only in memory; only the newest committed snapshot keeps its copy.
 """
 
 from __future__ import annotations
@@ -35,13 +41,13 @@ from safetensors.torch import load as st_load
 from gradience import shardio as sio
 from gradience.comm import Comm
 from gradience.errors import ConfigError, SnapshotError
+from gradience.hot import HotCopy, HotTier
+from gradience.persist import Persisting, agree_all
 from gradience.shardio import FORMAT_VERSION, MARKER, snapshot_dir_name
 from gradience.state import capture_state, restore_state
 
 __all__ = ["FORMAT_VERSION", "MARKER", "Prepared", "SnapshotInfo", "SnapshotStore", "agree_all", "capture_state",
            "restore_state", "snapshot_dir_name"]
-
-_SLOTS = 35  # per rank in the commit all-reduce: 32 SHA-256 bytes, global rank, size, kind
 
 
 @dataclass
@@ -74,27 +80,35 @@ class _Pending:
     extra: dict[str, Any]
     thread: threading.Thread | None = None
     result: tuple[str, int, int] = ("", 0, 0)  # sha256, size, kind
-    tensors: dict[str, torch.Tensor] | None = None  # memory tier
+    hot: HotCopy | None = None  # the in-memory copy (memory tier, or a disk tier with a hot tier)
     error: Exception | None = None
+    captured: bool = False  # the capture succeeded (read without racing the writer thread)
+    two_phase: bool = False  # committed from memory first (the same on every rank: decided by configuration)
 
 
-class SnapshotStore:
+class SnapshotStore(Persisting):
     """One group's shards with a collective commit. Methods marked *collective* must run on every rank of ``comm``.
 
     ``global_rank`` names this rank's shard files (default ``comm.rank``, right only when ``comm`` is the world):
     ranks of different groups then never write the same path, while ``comm.rank`` decides who writes the marker.
     """
 
-    def __init__(self, root: str | Path, comm: Comm, *, global_rank: int | None = None, tier: str = "disk") -> None:
+    def __init__(self, root: str | Path, comm: Comm, *, global_rank: int | None = None, tier: str = "disk",
+                 hot: HotTier | None = None) -> None:
         if tier not in ("disk", "memory"):
             raise ConfigError(f"snapshot tier must be 'disk' or 'memory', got {tier!r}")
+        if tier == "memory" and hot is not None and not hot.enabled:
+            raise ConfigError("the memory tier keeps snapshots in the hot tier only: it cannot be 'off'")
         self.root = Path(root)
         self.comm = comm
         self.global_rank = comm.rank if global_rank is None else int(global_rank)
         self.tier = tier
         # sid -> commit record (the marker's content), identical on every rank after the commit all-reduce.
         self._records: dict[int, dict[str, Any]] = {}
-        self._memory: dict[int, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
+        #: Placement of in-memory copies; None: the memory tier copies to host memory, the disk tier keeps none.
+        self.hot = hot
+        self._hot: dict[int, HotCopy] = {}  # sid -> in-memory copy of a committed snapshot
+        self._persisting: _Pending | None = None  # committed from memory, its shard still being written
         #: This rank's exception from the last failed :meth:`save` / :meth:`finish`, None after a success.
         self.last_error: Exception | None = None
         self._pending: _Pending | None = None
@@ -118,8 +132,9 @@ class SnapshotStore:
         run lock first: this deletes whatever an earlier run left here.
         """
         self.abandon()
+        self._drop_persisting()
         self._records.clear()
-        self._memory.clear()
+        self._hot.clear()
         if self.tier == "disk" and self.comm.rank == 0:
             dirs = [d for _, d in sio.snapshot_dirs(self.root)]
             for d in dirs:  # markers first: a kill half-way leaves unmarked leftovers, never a broken snapshot
@@ -176,7 +191,7 @@ class SnapshotStore:
         meta: dict[str, Any] | None = None,
         extra: dict[str, Any] | None = None,
         save_fn: Callable[[str], None] | None = None,
-        capture: Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None,
+        capture: Callable[[str], tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None,
         background: bool = False,
     ) -> None:
         """*Local.* Capture now and write this rank's shard of snapshot ``sid``, in a thread if ``background``.
@@ -185,24 +200,35 @@ class SnapshotStore:
         same on every rank) into the marker, back in :class:`SnapshotInfo`. The shard is ``tensors``, what
         ``capture()`` returns (tensors, more meta; called inside the failure handling, so a rank whose capture
         raises still joins the agreement; with ``background`` it must return copies) or what
-        ``save_fn(path)`` writes. :meth:`finish` commits, :meth:`abandon` drops; one snapshot in flight at a
-        time. Raises SnapshotError for a negative id or one already committed here or on disk.
+        ``save_fn(path)`` writes. ``capture(where)`` places its tensors as told (:data:`gradience.state.PLACES`):
+        with a hot tier the capture is the in-memory copy, and a disk shard is written from it in the
+        background (``background`` implied). :meth:`finish` commits, :meth:`abandon` drops; one snapshot in
+        flight at a time, and a snapshot still being persisted is persisted first (:meth:`persist`, collective:
+        every rank begins together). Raises SnapshotError for a negative id or one already committed.
         """
         if self._pending is not None:
             raise SnapshotError(f"snapshot {self._pending.sid} is still in flight; finish or abandon it first")
+        if self._persisting is not None:
+            self.persist()
         if isinstance(sid, bool) or not isinstance(sid, int) or sid < 0:
             raise SnapshotError(f"snapshot id must be an int >= 0, got {sid!r}")
         if sid in self._records or (self.tier == "disk" and (self.snapshot_dir(sid) / MARKER).exists()):
             raise SnapshotError(f"snapshot id {sid} is already committed under {self.root}; ids are never reused")
         pending = _Pending(sid, step, dict(meta or {}), dict(extra or {}))
         job: Callable[[], tuple[str, int, int]] = lambda: ("", 0, 0)  # noqa: E731
+        hot = self.hot if self.hot is not None and self.hot.enabled and capture is not None else None
+        pending.two_phase = hot is not None and self.tier == "disk"
+        background = background or pending.two_phase
         try:
             if capture is not None:
-                tensors, more = capture()
+                tensors, more = self._capture(capture, hot)
                 pending.meta.update(more)
+                if hot is not None or self.tier == "memory":
+                    pending.hot = (hot or HotTier("host")).made(tensors, pending.meta)
             job = self._shard_job(sid, tensors, pending, save_fn)
         except Exception as e:  # reported through finish(), never by skipping the agreement
             pending.error = e
+        pending.captured = pending.error is None
 
         def write() -> None:
             t0 = time.perf_counter()
@@ -239,15 +265,10 @@ class SnapshotStore:
         pending, self._pending = self._pending, None
         if pending is None:
             raise SnapshotError("no snapshot in flight")
-        if pending.thread is not None:
-            pending.thread.join()
+        if pending.two_phase:
+            return self._commit_hot(pending)
         sid = pending.sid
-        self.last_error = pending.error
-        shards = _exchange(self.comm, self.global_rank, pending.result, ok=pending.error is None)
-        if shards is not None and len({s["global_rank"] for s in shards}) < len(shards):
-            # Same verdict on every rank (same exchange): two ranks wrote one file, neither shard can be trusted.
-            self.last_error = SnapshotError(f"global ranks {[s['global_rank'] for s in shards]} are not distinct")
-            shards = None
+        shards = self._shards_of(pending)
         if shards is None:
             self._discard(sid)
             return False
@@ -264,7 +285,7 @@ class SnapshotStore:
             return False
         self._records[sid] = record
         if self.tier == "memory":
-            self._memory[sid] = (pending.tensors, pending.meta)
+            self._hot[sid] = pending.hot
         return True
 
     def abandon(self) -> int | None:
@@ -286,11 +307,12 @@ class SnapshotStore:
         """
         try:
             record = self._records.get(sid)
-            if self.tier == "memory":
-                if record is None:
-                    return None
-                tensors, meta = self._memory[sid]
-                return Prepared(sid, record["step"], tensors, meta, None)
+            hot = self._hot.get(sid)
+            if hot is not None and record is not None:
+                hot.ready()
+                return Prepared(sid, record["step"], hot.tensors, hot.meta, None)
+            if self.tier == "memory" or (record is not None and not record.get("persisted", True)):
+                return None
             d = self.snapshot_dir(sid)
             record = record or sio.load_marker(d, sid)
             entry = next(s for s in record["shards"] if s["global_rank"] == self.global_rank)
@@ -315,9 +337,11 @@ class SnapshotStore:
         shard. *Local* on the memory tier.
         """
         doomed = sorted(set(self._records) - set(keep))
+        if self._persisting is not None and self._persisting.sid in doomed:
+            self._drop_persisting()  # same ids on every rank: nobody waits for its marker
         for sid in doomed:
             self._records.pop(sid, None)
-            self._memory.pop(sid, None)
+            self._hot.pop(sid, None)
         if self.tier == "memory":
             return
         ok = True
@@ -350,18 +374,27 @@ class SnapshotStore:
         if self.tier == "memory":
             if tensors is None:
                 raise SnapshotError("the memory tier needs tensors (initialize with optimizer=, not save_fn)")
-            pending.tensors = tensors
+            if pending.hot is None:
+                pending.hot = HotCopy(tensors, pending.meta)
             return lambda: ("", 0, 0)
         d = self.snapshot_dir(sid)
         d.mkdir(parents=True, exist_ok=True)
         # What a killed run left under this id (never committed: begin() checked) must not mix with the new shard.
         sio.remove_rank_files(d, self.global_rank, rmdir=False)
         if tensors is not None:
-            label = json.dumps({"id": sid, "step": pending.step})
-            # Planning (header, byte views) here leaves the writer thread a few large GIL-free calls.
-            head, raws = sio.plan_safetensors(tensors, {"gradience": json.dumps(pending.meta),
-                                                        "gradience_snapshot": label})
             path = self.shard_path(sid)
+            metadata = {"gradience": json.dumps(pending.meta),
+                        "gradience_snapshot": json.dumps({"id": sid, "step": pending.step})}
+
+            def write(ts: dict[str, torch.Tensor]) -> tuple[str, int, int]:
+                head, raws = sio.plan_safetensors(ts, metadata)
+                return sio.write_planned(path, head, raws), path.stat().st_size, 1
+
+            if pending.hot is not None:  # written from the in-memory copy, fetched to the host by the writer
+                copy = pending.hot
+                return lambda: write(copy.host_tensors())
+            # Planning (header, byte views) here leaves the writer thread a few large GIL-free calls.
+            head, raws = sio.plan_safetensors(tensors, metadata)
             return lambda: (sio.write_planned(path, head, raws), path.stat().st_size, 1)
         if save_fn is None:
             raise SnapshotError("begin: pass tensors=, capture= or save_fn=")
@@ -396,36 +429,3 @@ class SnapshotStore:
 def _info(record: dict[str, Any], path: Path | None) -> SnapshotInfo:
     return SnapshotInfo(int(record["id"]), record.get("step"), int(record["world_size"]), path,
                         dict(record.get("extra") or {}))
-
-
-def _exchange(comm: Comm, global_rank: int, result: tuple[str, int, int], *, ok: bool) -> list[dict[str, Any]] | None:
-    """One MAX all-reduce carrying every rank's failure flag, SHA-256, size and global rank; the marker's
-    shard list, identical on every rank, or None if any rank failed."""
-    n = comm.world_size
-    vec = torch.zeros(1 + _SLOTS * n, dtype=torch.float64)
-    vec[0] = 0.0 if ok else 1.0
-    if ok:
-        digest, size, kind = result
-        base = 1 + _SLOTS * comm.rank
-        if digest:
-            vec[base : base + 32] = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.float64)
-        vec[base + 32 : base + 35] = torch.tensor([global_rank, size, kind], dtype=torch.float64)
-    out = comm.all_reduce_max(vec) if n > 1 else vec
-    if out[0] > 0:
-        return None
-    vals = [int(x) for x in out[1:].tolist()]
-    shards = []
-    for r in range(n):
-        slot = vals[_SLOTS * r : _SLOTS * (r + 1)]
-        raw, (g, size, kind) = bytes(slot[:32]), slot[32:]
-        shards.append({"rank": r, "global_rank": g, "file": sio.shard_file_name(g, kind),
-                       "size": size, "sha256": raw.hex() if any(raw) else ""})
-    return shards
-
-
-def agree_all(comm: Comm, ok: bool) -> bool:
-    """*Collective.* True on every rank iff ``ok`` on every rank (one MAX all-reduce of the failure flag)."""
-    if comm.world_size == 1:
-        return ok
-    flag = comm.all_reduce_max(torch.tensor([0.0 if ok else 1.0], dtype=torch.float64))
-    return bool(flag[0] == 0)

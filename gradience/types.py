@@ -70,6 +70,8 @@ class ProbeReport:
     update_skipped: bool = False
     #: A GradScaler found inf/NaN: the scaler skips this update by design (not a fault).
     scaler_overflow: bool = False
+    #: This rank is still writing a snapshot's shard in the background (not a fault: it delays the marker).
+    persist_busy: bool = False
     #: Total L2 norm of this rank's gradients / parameters (the verdict holds the largest over ranks): NaN if
     #: an element is NaN; +inf if an element is inf or the norm overflowed.
     grad_norm: float = 0.0
@@ -114,6 +116,8 @@ class Verdict:
     violation_weights: bool = False
     update_skipped: bool = False
     scaler_overflow: bool = False
+    #: Some rank is still writing a snapshot's shard in the background.
+    persist_busy: bool = False
     replica_divergence: bool = False
     grad_norm: float = 0.0
     weight_norm: float = 0.0

@@ -77,7 +77,9 @@ def run_stage(stage: int, dtype: str, out: Path, rank: int) -> dict:
             res["rollback_compared"] = len(now)
         res["losses"].append(float(loss.detach().float()))
         res["lrs"].append([engine.get_lr()[0], scheduler.get_last_lr()[0]])
-    committed = [e for e in events(out, rank, "snapshot") if e.get("committed") and e.get("path")]
+    committed = [e for kind in ("snapshot", "snapshot_persisted") for e in events(out, rank, kind)
+                 if e.get("path") and e.get("committed", True)]
+    committed.sort(key=lambda e: e["snapshot_id"])
     shard = Path(committed[-1]["path"]) / f"rank_{engine.global_rank:05d}.safetensors"
     res["snapshot_bytes"] = shard.stat().st_size
     res["skips"] = [(e["step"], e["reason"], e["faulty_global_ranks"]) for e in events(out, rank, "skip_step")]

@@ -46,7 +46,9 @@ def shard(model: torch.nn.Module, mesh_shape: tuple[int, ...], blocks: str = "h"
 
 
 def newest_shard_bytes(out: Path, rank: int) -> int:
-    committed = [e for e in events(out, rank, "snapshot") if e.get("committed") and e.get("path")]
+    committed = [e for kind in ("snapshot", "snapshot_persisted") for e in events(out, rank, kind)
+                 if e.get("path") and e.get("committed", True)]
+    committed.sort(key=lambda e: e["snapshot_id"])
     return (Path(committed[-1]["path"]) / f"rank_{rank:05d}.safetensors").stat().st_size
 
 

@@ -15,7 +15,7 @@ def test_overhead_bench_prints_every_arm_and_writes_the_documented_json(capsys, 
     out = capsys.readouterr().out
     for arm in ("interval 50", "interval 100 (default)", "interval 200", "interval 100, spectral off"):
         assert arm in out
-    assert "fixed per-step cost" in out and "rollback from the memory tier" in out
+    assert "fixed per-step cost" in out and "rollback from the hot tier" in out
     r = json.loads(out_json.read_text())
     assert {"command", "machine", "model", "baseline_step_ms", "arms", "fixed", "rollback", "persist_ms",
             "check_pass_ms"} <= set(r)
@@ -24,7 +24,7 @@ def test_overhead_bench_prints_every_arm_and_writes_the_documented_json(capsys, 
     for arm in r["arms"].values():
         assert {"step_ms", "in_call_ms", "in_call_pct", "end_to_end_pct", "end_to_end_range_pct"} <= set(arm)
         assert 0 < arm["in_call_ms"] < arm["step_ms"]  # the guard's calls are timed inside the step
-    assert 0 < r["fixed"]["in_call_ms"] and set(r["rollback"]) == {"memory", "disk"}
+    assert 0 < r["fixed"]["in_call_ms"] and set(r["rollback"]) == {"hot", "disk"}
     assert all(x["rollback_ms"] > 0 and x["in_steps"] > 0 for x in r["rollback"].values())
     assert r["persist_ms"]["n"] >= 1 and r["persist_ms"]["median"] > 0  # the initial snapshots were written
 

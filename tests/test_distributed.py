@@ -170,8 +170,9 @@ def test_corrupt_shard_is_rejected_and_everyone_falls_back(groups2, tmp_path):
     models = [make_mlp(0) for _ in groups2]
 
     def rank_fn(rank, group):
+        # No hot copy: the rollback reads (and verifies) the shards on disk.
         ctl = GradienceController(out_dir=str(tmp_path), comm=TorchComm(group, timeout_s=30),
-                                  guard_snapshot_interval=5)
+                                  guard_snapshot_interval=5, guard_snapshot_hot="off")
 
         def hook(s, m):
             if s == 17:

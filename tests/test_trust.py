@@ -351,7 +351,8 @@ def test_a_rollback_whose_restores_all_failed_is_no_rollback_and_no_backoff(tmp_
                 shard.write_bytes(b"garbage")
             poison("0.weight")(model)
 
-    ctl = GradienceController(out_dir=str(tmp_path), guard_snapshot_interval=5)
+    # No hot copy: every restore reads the (corrupted) shards.
+    ctl = GradienceController(out_dir=str(tmp_path), guard_snapshot_interval=5, guard_snapshot_hot="off")
     out = run_loop(make_mlp(), mlp_loss, ctl, steps=20, on_update=corrupt_all)
     g = out["summary"]["guard"]
     assert (g["integrity_status"], g["halt_reason"]) == ("ABORTED", "NO_GOOD_SNAPSHOT")

@@ -19,10 +19,10 @@ from typing import Any, Protocol
 import torch
 
 from gradience.probe import BadTensors, parameters, persistent_buffers
-from gradience.state import capture_state, restore_state
+from gradience.state import capture_state, restore_state, take
 
 __all__ = ["PlainBackend", "StateBackend", "capture_shard", "copy_into", "default_backend", "restore_live",
-           "restore_optimizer_state", "saved_optimizer_states", "to_cpu", "unique"]
+           "restore_optimizer_state", "saved_optimizer_states", "unique"]
 
 
 class StateBackend(Protocol):
@@ -46,8 +46,9 @@ class StateBackend(Protocol):
     def bad(self, threshold: float, *, grads: bool) -> BadTensors:
         """Name the offending tensors (faults only; slow is fine)."""
 
-    def capture(self, *, copy: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """This rank's state as CPU tensors plus JSON-able metadata (a snapshot shard)."""
+    def capture(self, *, copy: bool, where: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """This rank's state as tensors placed by ``where`` (:data:`gradience.state.PLACES`) plus JSON-able
+        metadata (a snapshot shard)."""
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Put a captured shard back in place (every rank calls it together)."""
@@ -104,8 +105,8 @@ class PlainBackend:
 
         return bad_tensors(self.model, threshold=threshold, grads=grads)
 
-    def capture(self, *, copy: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return capture_state(self.model, self.optimizer, copy=copy)
+    def capture(self, *, copy: bool, where: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return capture_state(self.model, self.optimizer, copy=copy, where=where)
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         restore_state(tensors, meta, self.model, self.optimizer)
@@ -139,14 +140,6 @@ def unique(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[dict[str, torch.T
     return out, aliases
 
 
-def to_cpu(t: torch.Tensor, copy: bool) -> torch.Tensor:
-    """``t`` detached on the CPU, copied when ``copy`` (a background write must not alias live memory)."""
-    t = t.detach()
-    if t.device.type != "cpu":
-        return t.to("cpu")
-    return t.clone() if copy else t
-
-
 def copy_into(live: torch.Tensor, saved: torch.Tensor, name: str) -> None:
     """Restore ``saved`` into ``live`` in place, refusing a shape or dtype that does not match."""
     if tuple(live.shape) != tuple(saved.shape) or live.dtype != saved.dtype:
@@ -156,18 +149,18 @@ def copy_into(live: torch.Tensor, saved: torch.Tensor, name: str) -> None:
 
 
 def capture_shard(named: Iterable[tuple[str, torch.Tensor]], optimizer_states: Iterable[tuple[str, dict]], *,
-                  copy: bool, local: Callable[[Any], torch.Tensor] = lambda t: t,
+                  copy: bool, local: Callable[[Any], torch.Tensor] = lambda t: t, where: str = "cpu",
                   ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, dict[str, Any]]]:
     """A sharded backend's shard: (CPU tensors, aliases, non-tensor optimizer values). ``named``: the live tensors
     (each storage kept once); ``optimizer_states``: (label, the optimizer's state dict of one parameter), whose
     tensors go in as ``optim.<label>.<key>`` and other values into the JSON side."""
     live, aliases = unique(named)
-    tensors = {n: to_cpu(t, copy) for n, t in live.items()}
+    tensors = {n: take(t, copy, where) for n, t in live.items()}
     scalars: dict[str, dict[str, Any]] = {}
     for label, state in optimizer_states:
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"optim.{label}.{key}"] = to_cpu(local(value), copy)
+                tensors[f"optim.{label}.{key}"] = take(local(value), copy, where)
             else:
                 scalars.setdefault(label, {})[key] = value
     return tensors, aliases, scalars

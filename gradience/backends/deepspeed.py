@@ -129,10 +129,10 @@ class DeepSpeedBackend:
         named += [(f"buffer.{n}", b) for n, b in named_persistent_buffers(self.module)]
         return named
 
-    def capture(self, *, copy: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def capture(self, *, copy: bool, where: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         masters = self._masters()
         states = ((str(i), self.base.state.get(m, {})) for i, m in enumerate(masters))
-        tensors, aliases, scalars = capture_shard(self._named_state(), states, copy=copy)
+        tensors, aliases, scalars = capture_shard(self._named_state(), states, copy=copy, where=where)
         meta = {"backend": "deepspeed", "zero_stage": self.stage, "aliases": aliases, "optimizer_scalars": scalars,
                 "masters": len(masters)}
         return tensors, meta

@@ -90,10 +90,10 @@ class FSDP2Backend:
         named = [(f"param.{n}", _local(p)) for n, p in self.model.named_parameters()]
         return named + [(f"buffer.{n}", b) for n, b in named_persistent_buffers(self.model)]
 
-    def capture(self, *, copy: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def capture(self, *, copy: bool, where: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         states = ((self.names[id(p)], self.optimizer.state.get(p, {})) for p in self._params()) \
             if self.optimizer is not None else ()
-        tensors, aliases, scalars = capture_shard(self._named_state(), states, copy=copy, local=_local)
+        tensors, aliases, scalars = capture_shard(self._named_state(), states, copy=copy, local=_local, where=where)
         return tensors, {"backend": "fsdp2", "aliases": aliases, "optimizer_scalars": scalars}
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

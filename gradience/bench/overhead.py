@@ -10,7 +10,8 @@ arm, baseline, arm, ...) so drift in the machine's speed hits every arm alike; e
 
 It also measures one check's norm pass in the training loop (the floor of a synchronous check), the fixed
 per-step cost (in-call time on a 2-layer MLP whose own step is tiny), the time of a
-rollback from each tier against a step, the time of a disk snapshot's write (persist), and on CUDA the host
+rollback from each tier (the hot copy, the disk) against a step, the time of a disk snapshot's background write
+(persist, off the training thread), and on CUDA the host
 synchronisations per steady-state step (``torch.cuda.set_sync_debug_mode``).
 
     python -m gradience.bench overhead                  # tiny GPT-2 on CPU, seed defaults
@@ -261,9 +262,11 @@ def _rollbacks(model, optimizer, batches, train_step, device, out: Path, n: int)
     out_rb: dict[str, Any] = {}
     weight = next(p for p in model.parameters() if p.ndim == 2)
     weight = weight.to_local() if hasattr(weight, "to_local") else weight  # a shard: the fault on every rank
-    for tier in ("memory", "disk"):
+    # hot: the disk tier with its in-memory copy (device memory on a GPU), as by default; disk: no copy, the
+    # shard is read and verified.
+    for tier, hot in (("hot", "auto"), ("disk", "off")):
         # Every rollback goes back to the same snapshot: it must not be retired as a repeat offender.
-        g = GradienceController(out_dir=str(out / tier), guard_snapshot_tier=tier, guard_max_rollbacks=10 * n,
+        g = GradienceController(out_dir=str(out / tier), guard_snapshot_hot=hot, guard_max_rollbacks=10 * n,
                                 guard_max_snapshot_failures=10 * n, guard_snapshot_interval=10**6,
                                 guard_lr_backoff=1.0, spectral_enabled=False)
         g.initialize(model, optimizer=optimizer)
