@@ -93,8 +93,9 @@ def _check_spike(state: GuardState, verdict: Verdict, config: GradienceConfig) -
     memory = state.spike_state
     if not isinstance(memory, risk.SpikeState):
         memory = risk.SpikeState.from_dict(memory) if memory else risk.SpikeState()
+    # Logged spikes let the update go ahead: the run moved on, and so does the window.
     memory, spike = risk.check_spike(memory, loss=verdict.loss, grad_norm=verdict.grad_norm,
-                                     rule=config.spike_rule())
+                                     rule=config.spike_rule(), accept_fired=config.spike_action == "log")
     state = dataclasses.replace(state, spike_state=memory)
     return state, (spike.describe() if spike.fired else None)
 

@@ -342,45 +342,53 @@ class SpikeVerdict:
         return dataclasses.asdict(self)
 
 
+_QUIET = SpikeVerdict()  # frozen: one instance serves every step that does not fire
+
+
 def check_spike(state: SpikeState, *, loss: float | None, grad_norm: float | None,
-                rule: SpikeRule) -> tuple[SpikeState, SpikeVerdict]:
+                rule: SpikeRule, accept_fired: bool = False) -> tuple[SpikeState, SpikeVerdict]:
     """Test one step's agreed loss and total grad norm; return the updated state and the verdict.
 
     None (signal not available) and non-finite values (NaN/inf are the finite checks' business) neither fire nor
     enter the statistics. When the step fires, none of its values enter the statistics: a spike must not raise
     its own bar, and the step is suspect as a whole. The consequence: a lasting level shift keeps firing, which
-    the policy's consecutive-skip limit turns into a rollback. Signals are tested in the order loss, grad_norm,
-    and for each zscore before ratio; the first test that fires is reported.
+    the policy's consecutive-skip limit turns into a rollback. With ``accept_fired`` (the update went ahead
+    anyway: spike_action 'log') a firing step's values do enter the statistics, so a lasting shift becomes the
+    new normal instead of firing on every step. Signals are tested in the order loss, grad_norm, and for each
+    zscore before ratio; the first test that fires is reported.
     """
     candidates: dict[str, float] = {}
     for name, raw in (("loss", loss), ("grad_norm", grad_norm)):
         value = _finite_float(raw)
         if value is not None and rule.enabled(name):
             candidates[name] = value
+    fired = _QUIET
     for name, value in candidates.items():
         verdict = _test(getattr(state, name), value, name, rule)
         if verdict.fired:
-            return state, verdict
+            if not accept_fired:
+                return state, verdict
+            fired = verdict
+            break
     updates = {name: _accept(getattr(state, name), value, rule.window) for name, value in candidates.items()}
-    return dataclasses.replace(state, **updates), SpikeVerdict()
+    return dataclasses.replace(state, **updates), fired
 
 
 def _test(stats: SignalStats, value: float, signal: str, rule: SpikeRule) -> SpikeVerdict:
     if stats.count < rule.warmup:
-        return SpikeVerdict()
+        return _QUIET
     mean, std = _mean_std(stats, rule)
-    found = dict(signal=signal, value=value, mean=mean, std=std, running_max=stats.running_max,
-                 samples=len(stats.values))
-    if rule.zscore and mean is not None and std is not None:
-        bar = mean + rule.sigmas * std
-        if value > bar:  # an overflowed (inf) bar never fires
-            return SpikeVerdict(fired=True, kind="zscore", threshold=bar, **found)
+    kind = bar = None
+    if rule.zscore and mean is not None and std is not None and value > mean + rule.sigmas * std:
+        kind, bar = "zscore", mean + rule.sigmas * std  # an overflowed (inf) bar never fires
     # The ratio only means something against a positive max (a loss may be negative).
-    if rule.ratio and stats.running_max is not None and stats.running_max > 0:
-        bar = rule.factor * stats.running_max
-        if value >= bar:
-            return SpikeVerdict(fired=True, kind="ratio", threshold=bar, **found)
-    return SpikeVerdict()
+    elif rule.ratio and stats.running_max is not None and stats.running_max > 0 and \
+            value >= rule.factor * stats.running_max:
+        kind, bar = "ratio", rule.factor * stats.running_max
+    if kind is None:
+        return _QUIET  # the common case builds nothing
+    return SpikeVerdict(fired=True, kind=kind, threshold=bar, signal=signal, value=value, mean=mean, std=std,
+                        running_max=stats.running_max, samples=len(stats.values))
 
 
 def _mean_std(stats: SignalStats, rule: SpikeRule) -> tuple[float | None, float | None]:

@@ -530,3 +530,20 @@ def test_the_spike_windows_running_moments_stay_the_exact_two_pass_ones():
             got_mean, got_std = _mean_std(stats, SpikeRule(window=32, min_std=0.0, min_rel_std=0.0))
             assert got_mean == pytest.approx(mean, rel=1e-12)
             assert got_std == pytest.approx(std, rel=1e-6, abs=1e-9)
+
+
+def test_a_lasting_shift_stops_firing_once_logged_spikes_enter_the_window():
+    # spike_action 'log' lets the update go ahead: the new level must become the normal, not fire every step
+    # (the skip semantics keep firing, which the policy's consecutive-skip limit turns into a rollback).
+    rule = SpikeRule()
+    g = random.Random(0)
+    series = [1.0 + 0.05 * g.random() for _ in range(300)] + [3.0 + 0.05 * g.random() for _ in range(300)]
+    fired = {}
+    for accept in (True, False):
+        state, count = SpikeState(), 0
+        for v in series:
+            state, verdict = check_spike(state, loss=None, grad_norm=v, rule=rule, accept_fired=accept)
+            count += verdict.fired
+        fired[accept] = count
+    assert 1 <= fired[True] <= 5
+    assert fired[False] == 300
