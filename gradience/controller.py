@@ -200,7 +200,8 @@ class GradienceController(Reports, Effects, AsyncVerdict):
         self.state = dataclasses.replace(self.state, committed=(), target_failures=(), episode_target=None)
         self._snapshot(start_step, background=False)
         if self.store.persisting_id is not None:  # not a step: the first target is on disk before training
-            self._collective(None, self.recovery.persist, start_step)
+            if self._collective(None, self.recovery.persist, start_step) is False:
+                self.state = dataclasses.replace(self.state, committed=())
         if not self.state.committed:
             error = self.store.last_error
             raise SnapshotError(f"could not commit the initial snapshot under {root}: "

@@ -152,7 +152,8 @@ class Deferred:
         self._read, self._g.staged = self._g.staged, None  # the previous step's, for read()
         raw = self._grads(grads, self.device)
         norm = _enc(raw)  # NaN -> inf: "not <= threshold" either way
-        vec = self._g.send([norm, raw.isnan().double(), self._loss(loss)[0]],
+        z = self._zero  # both vectors have one length: ranks in different calls then fail the frame check
+        vec = self._g.send([norm, raw.isnan().double(), self._loss(loss)[0], z, z, z],
                            lambda: (norm > self.threshold).double(), step)
         self.optimizer.found_inf = (vec[self._g.off] > self.threshold).float()
         self._gated = True
@@ -188,7 +189,7 @@ class Deferred:
         grads = weights = None
         taken = self._g.take(staged, timeout_s)
         if taken is not None:
-            (norm, nan, loss), ranks, at = taken
+            (norm, nan, loss, *_), ranks, at = taken
             bad = not norm <= t
             grads = Verdict(phase=Phase.GRADS, step=at, world_size=ws, nonfinite_grads=norm == math.inf,
                             violation_grads=math.isfinite(norm) and norm > t, grad_norm=math.nan if nan else norm,
@@ -239,7 +240,10 @@ class AsyncVerdict:
                 self._act(step, grads, decision)  # a rollback or a halt: the weights' verdict is moot
         if decision is None or decision.action in (Action.CONTINUE, Action.SKIP_STEP):
             skipped = grads is not None and grads.fault_reason() is not None
-            base = weights or Verdict(phase=Phase.STEP, step=step, world_size=self.comm.world_size)
+            # No agreed weights' verdict (the first step, or after a rollback): nobody knows whether a rank is
+            # still writing, so no marker is written in this step.
+            base = weights or Verdict(phase=Phase.STEP, step=step, world_size=self.comm.world_size,
+                                      persist_busy=True)
             verdict = dataclasses.replace(base, tick=tick, update_skipped=skipped)
             self.last_loss = verdict.loss if weights is not None else self.last_loss
             if self._spectral is not None and policy.spectral_due(tick, self.config, self.state):
@@ -261,6 +265,11 @@ class AsyncVerdict:
             return
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if mode == "auto" and (not params or params[0].device.type == "cpu"):
+            return
+        if any(p.grad is not None and not self.optimizer.state.get(p) for p in params):
+            # A skipped first update would leave state the optimizer allocates uninitialised (fused SGD's
+            # momentum buffers come from empty_like): stay synchronous until every trained parameter has state.
+            self._verdict_chosen = False
             return
         why = refusal(self.config, self.optimizer, self.backend, self.comm, scaler)
         if why is not None:

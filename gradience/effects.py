@@ -17,7 +17,7 @@ from gradience.recovery import check_backoff_target
 from gradience.resume import resume_latest
 from gradience.snapshot import agree_all
 from gradience.telemetry import telemetry_filename
-from gradience.types import Action, Decision, GuardState, Reason, Verdict
+from gradience.types import Action, Decision, GuardState, Phase, Reason, Verdict
 
 
 class Effects:
@@ -49,7 +49,8 @@ class Effects:
     def _act(self, step: int, verdict: Verdict, decision: Decision, *, verified: bool = True) -> None:
         rec = self.recovery
         if rec is not None and self.store.persisting_id is not None and (
-                decision.action in (Action.SNAPSHOT, Action.HALT) or not verdict.persist_busy):
+                decision.action in (Action.SNAPSHOT, Action.HALT)
+                or (verdict.phase is Phase.STEP and not verdict.persist_busy)):
             # Every rank sees the same verdict: the marker is written together, once no rank is still writing.
             self._collective(step, rec.persist, step)
         if rec is not None and rec.pending is not None:
@@ -73,6 +74,8 @@ class Effects:
         sid, self._next_sid = self._next_sid, self._next_sid + 1
         meta = {"lr_scale": self.state.lr_scale, "guard_state": self.state.to_dict(), "verified": verified,
                 "tick": self._tick0 + self.steps_seen - 1}
+        if self.store.persisting_id is not None:  # one write in flight at a time, reported
+            self._collective(step, self.recovery.persist, step)
         self.recovery.begin(sid, step, meta, background=background)
         self._pending_verified = verified
         if background:
@@ -84,6 +87,10 @@ class Effects:
         sid, ok = self._collective(step, self.recovery.commit, step)
         if ok:
             self.state = policy.on_snapshot_committed(self.state, sid, self.config, verified=self._pending_verified)
+            dead = self.store.unrestorable()
+            if dead:  # its write failed and its copy in memory is gone: not a target any more
+                self.state = dataclasses.replace(self.state, committed=tuple(
+                    s for s in self.state.committed if s not in dead))
             self._collective(step, self.recovery.prune, self.state.committed)
 
     def _rollback(self, step: int, verdict: Verdict, decision: Decision) -> None:

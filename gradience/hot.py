@@ -86,7 +86,7 @@ class HotTier:
         device. "device" only on CUDA, in auto mode, within the budget and the free memory."""
         if not torch.cuda.is_available() or not torch.cuda.is_initialized():
             return "cpu"
-        if self.mode == "host" or self._fell_back:
+        if self.mode == "host" or self._fell_back or self.budget <= 0:
             return "pinned"
         device = torch.cuda.current_device()
         total = torch.cuda.get_device_properties(device).total_memory

@@ -78,6 +78,12 @@ class Persisting:
         record.update(shards=shards, persisted=True)
         return True
 
+    def unrestorable(self) -> set[int]:
+        """*Local*, the same on every rank. Committed snapshots that can no longer be restored: never written
+        to disk (the write failed) and no longer held in memory."""
+        return {sid for sid, r in self._records.items() if r.get("persisted", True) is False
+                and sid not in self._hot and sid != self.persisting_id}
+
     def _shards_of(self, pending: Any) -> list[dict[str, Any]] | None:
         """*Collective.* Wait for this rank's write, then exchange every rank's outcome: the marker's shard
         list, or None (``last_error`` says why on the rank that failed)."""

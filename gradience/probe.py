@@ -243,19 +243,24 @@ def _offending(tensors: Sequence[torch.Tensor | None], threshold: float, nan_onl
     """:func:`_offends` for many tensors at once: one max|x| per tensor, fused per (device, dtype), and one
     host read per group (a rollback on a GPU must not pay a sync per tensor)."""
     groups: dict[tuple[torch.device, torch.dtype], list[tuple[int, torch.Tensor]]] = {}
-    for i, t in enumerate(tensors):
-        v = _values(t)
-        if v is None:
-            continue
-        if v.is_complex():
-            v = torch.view_as_real(v)
-        groups.setdefault((v.device, v.dtype), []).append((i, v))
     out = [False] * len(tensors)
+
+    def judge(i: int, peak: float) -> None:
+        out[i] = math.isnan(peak) if nan_only else not peak <= threshold
+
     with torch.no_grad():
+        for i, t in enumerate(tensors):
+            v = _values(t)
+            if v is None:
+                continue
+            if v.is_complex():  # rare: by magnitude, one at a time (complex128 cannot overflow)
+                judge(i, float(torch.linalg.vector_norm(v.to(torch.complex128), math.inf)))
+                continue
+            groups.setdefault((v.device, v.dtype), []).append((i, v))
         for (_, dtype), members in groups.items():
             peaks = torch.stack(per_tensor([v for _, v in members], dtype, math.inf)).double().tolist()
             for (i, _), peak in zip(members, peaks, strict=True):
-                out[i] = math.isnan(peak) if nan_only else not peak <= threshold
+                judge(i, peak)
     return out
 
 

@@ -336,7 +336,13 @@ class SnapshotStore(Persisting):
         for that, then each deletes its own shards, so a kill at any point leaves no marker beside a missing
         shard. *Local* on the memory tier.
         """
-        doomed = sorted(set(self._records) - set(keep))
+        keep = set(keep)
+        marked = [sid for sid, r in self._records.items() if r.get("persisted", True)]
+        if self.tier == "disk" and marked and any(sid > max(marked) for sid in keep):
+            # The newer targets live in memory only (their shards still being written, or never): a crash
+            # meanwhile must still find a snapshot on disk.
+            keep.add(max(marked))
+        doomed = sorted(set(self._records) - keep)
         if self._persisting is not None and self._persisting.sid in doomed:
             self._drop_persisting()  # same ids on every rank: nobody waits for its marker
         for sid in doomed:

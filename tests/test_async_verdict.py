@@ -159,7 +159,7 @@ def test_two_ranks_skip_together_with_device_all_reduces_only(tmp_path, groups2)
             loss.backward()
             if step == 6 and rank == 1:
                 model[0].weight.grad[3, 3] = float("nan")
-            if step == 3:
+            if step == 4:
                 calls[rank].clear()
             if step == 6:
                 before_nan = _state(model, opt)
@@ -168,14 +168,33 @@ def test_two_ranks_skip_together_with_device_all_reduces_only(tmp_path, groups2)
             if step == 6:
                 assert _same(before_nan, _state(model, opt)), f"rank {rank} applied the poisoned step"
             ctl.step(step, loss, model)
+            if ctl.store._persisting is not None:  # the snapshot of step 0: marked in a step before the count
+                ctl.store._persisting.thread.join(30)
         steady = list(calls[rank])
         ctl.finalize()
         return steady
 
     counts = run_ranks(groups2, rank_fn)
-    # Steps 3..9: the gate's and the weights' flags, each one device all-reduce (no host-side collective, no
+    # Steps 4..9: the gate's and the weights' flags, each one device all-reduce (no host-side collective, no
     # host wait: the host reads them a step later).
-    assert counts == [["all_reduce_device_max"] * 14] * 2
+    assert counts == [["all_reduce_device_max"] * 12] * 2
     for rank in (0, 1):
         skips = events(tmp_path, "skip_step", rank=rank)
         assert [(e["step"], e["faulty_ranks"]) for e in skips] == [(6, [1])]
+
+
+def test_a_skipped_first_update_cannot_leave_uninitialised_optimizer_state(tmp_path):
+    # Fused SGD allocates its momentum buffers with empty_like and fills them in the first update: skipped on
+    # the device, they would keep whatever memory they got. The verdict stays synchronous until every trained
+    # parameter has state.
+    model = make_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, fused=True)
+    ctl = GradienceController(out_dir=str(tmp_path), guard_verdict="async", guard_snapshot_interval=5,
+                              spectral_enabled=False)
+    out = run_loop(model, mlp_loss, ctl, steps=12, optimizer=opt,
+                   on_grads=lambda s, m: m[2].bias.grad.fill_(float("nan")) if s == 0 else None)
+    assert ctl._deferred is not None  # asynchronous once the first update made the state
+    assert out["applied"][0] is False and all(out["applied"][2:])
+    bufs = [opt.state[p]["momentum_buffer"] for p in model.parameters()]
+    assert all(torch.isfinite(b).all() and b.abs().max() < 10 for b in bufs)
+    assert out["summary"]["guard"]["total_rollbacks"] == 0

@@ -268,3 +268,91 @@ def test_hot_tier_configuration_is_checked_and_placement_is_host_memory_without_
         assert HotTier("auto").where(0) == "cpu"
     with pytest.raises(ConfigError, match="hot tier only"):
         SnapshotStore(tmp_path, comm=None, tier="memory", hot=HotTier("off"))
+
+
+def test_a_crash_while_the_newest_snapshot_is_in_memory_only_resumes_from_disk(tmp_path, monkeypatch):
+    # keep=1: the newest target is the only one kept, but while its shard is still being written the newest
+    # snapshot on disk must stay, or a crash then would find nothing to resume from.
+    model = make_mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ctl = GradienceController(out_dir=str(tmp_path), guard_snapshot_interval=5, guard_snapshot_keep=1,
+                              spectral_enabled=False)
+    ctl.initialize(model, optimizer=opt)
+    held = None
+    for step in range(8):
+        if step == 5:
+            held = _HeldWrites(monkeypatch)
+        opt.zero_grad(set_to_none=True)
+        loss = mlp_loss(model, step)
+        loss.backward()
+        ctl.before_optimizer_step(model, opt)
+        opt.step()
+        ctl.step(step, loss, model)
+        if step < 5:
+            _wait_persisted(ctl)
+        else:
+            assert [i.step for i in ctl.store.committed_on_disk()] == [0], step
+    ctl.close()  # the process dies here: no finalize, the write of step 5 never finished
+    again = GradienceController(out_dir=str(tmp_path), guard_snapshot_interval=5, spectral_enabled=False)
+    again.initialize(make_mlp(1), optimizer=torch.optim.AdamW(make_mlp(1).parameters(), lr=1e-2),
+                     resume="latest")
+    assert again.resumed_step == 0
+    again.finalize()
+    held.release.set()
+
+
+def test_a_rollback_decided_at_the_gate_does_not_wait_for_a_held_write(tmp_path, monkeypatch):
+    model = make_mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ctl = GradienceController(out_dir=str(tmp_path), guard_snapshot_interval=5, guard_max_consecutive_skips=2,
+                              spectral_enabled=False)
+    ctl.initialize(model, optimizer=opt)
+    held = None
+    for step in range(10):
+        if step == 5:
+            held = _HeldWrites(monkeypatch)
+        opt.zero_grad(set_to_none=True)
+        loss = mlp_loss(model, step)
+        loss.backward()
+        if step >= 6:
+            model[0].weight.grad[0, 0] = float("nan")  # skip, skip, then a rollback decided at the gate
+        t0 = time.perf_counter()
+        ctl.before_optimizer_step(model, opt)
+        assert time.perf_counter() - t0 < 10, f"the gate of step {step} waited for the held write"
+        opt.step()
+        ctl.step(step, loss, model)
+        if step < 5:
+            _wait_persisted(ctl)
+    assert [(e["step"], e["to_step"], e["restored_from"]) for e in events(tmp_path, "rollback_success")][0] == \
+        (8, 5, "memory")
+    held.release.set()
+    ctl.finalize()
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "gpt2"])
+def test_the_in_place_restore_equals_the_load_state_dict_restore(tmp_path, model_name, monkeypatch):
+    from gradience import state as st
+
+    make, loss_fn, _ = MODELS[model_name]
+    model = make()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    def train(n: int) -> None:
+        for step in range(n):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model, step).backward()
+            opt.step()
+
+    train(3)
+    saved, meta = st.capture_state(model, opt, copy=True)
+    at_save = _state(model, opt)
+    results = []
+    for in_place in (True, False):
+        train(2)
+        if not in_place:
+            monkeypatch.setattr(st, "_restore_in_place", lambda *a: False)
+        st.restore_state(saved, meta, model, opt)
+        results.append(_state(model, opt))
+    assert _same(results[0], at_save) and _same(results[1], at_save)
+    if model_name == "gpt2":  # the tie survives both paths
+        assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
