@@ -41,6 +41,29 @@ def _wait_persisted(ctl: GradienceController) -> None:
         pending.thread.join(30)
 
 
+def _guarded_mlp(out, **config) -> tuple[torch.nn.Module, torch.optim.Optimizer, GradienceController]:
+    model = make_mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ctl = GradienceController(out_dir=str(out), **{"guard_snapshot_interval": 5, "spectral_enabled": False,
+                                                   **config})
+    ctl.initialize(model, optimizer=opt)
+    return model, opt, ctl
+
+
+def _one_step(ctl, model, opt, step: int, *, on_grads=None, on_update=None) -> bool:
+    """One guarded step of the MLP; ``on_grads`` / ``on_update`` inject faults."""
+    opt.zero_grad(set_to_none=True)
+    loss = mlp_loss(model, step)
+    loss.backward()
+    if on_grads is not None:
+        on_grads(model)
+    ctl.before_optimizer_step(model, opt)
+    opt.step()
+    if on_update is not None:
+        on_update(model)
+    return ctl.step(step, loss, model)
+
+
 def _train(tmp_path, model_name: str, hot: str, *, corrupt_10: bool = False, opt_name: str = "AdamW"):
     """Snapshots every 5 steps; a NaN written into a weight after update 12 (the sync verdict rolls back at
     12). Returns (rollback events, the state after update 10, the state right after the rollback)."""
@@ -120,27 +143,24 @@ class _HeldWrites:
 
 
 def test_a_slow_persist_never_blocks_training_and_its_snapshot_is_a_target_meanwhile(tmp_path, monkeypatch):
-    model = make_mlp()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    ctl = GradienceController(out_dir=str(tmp_path), guard_snapshot_interval=5, spectral_enabled=False)
-    ctl.initialize(model, optimizer=opt)
-    held = None
-    at_5 = None
+    model, opt, ctl = _guarded_mlp(tmp_path)
+    held = at_5 = None
+    sid_5 = ctl._next_sid + 1  # after the snapshot of step 0
+
+    def after_update(step: int):
+        def f(m):
+            nonlocal at_5
+            if step == 5:
+                at_5 = {k: v.clone() for k, v in m.state_dict().items()}
+            if step == 7:
+                poison("0.weight")(m)
+        return f
+
     for step in range(9):
         if step == 5:
             held = _HeldWrites(monkeypatch)  # the snapshot of step 5's write
-        opt.zero_grad(set_to_none=True)
-        loss = mlp_loss(model, step)
-        loss.backward()
-        ctl.before_optimizer_step(model, opt)
-        opt.step()
-        if step == 5:
-            at_5 = {k: v.clone() for k, v in model.state_dict().items()}
-            sid_5 = ctl._next_sid
-        if step == 7:
-            poison("0.weight")(model)
         t0 = time.perf_counter()
-        assert ctl.step(step, loss, model)
+        assert _one_step(ctl, model, opt, step, on_update=after_update(step))
         assert time.perf_counter() - t0 < 10, f"step {step} waited for the held write"
         if step < 5:
             _wait_persisted(ctl)
@@ -152,11 +172,7 @@ def test_a_slow_persist_never_blocks_training_and_its_snapshot_is_a_target_meanw
     assert [(e["step"], e["to_step"], e["restored_from"]) for e in rb] == [(7, 5, "memory")]
     held.release.set()
     _wait_persisted(ctl)
-    opt.zero_grad(set_to_none=True)
-    mlp_loss(model, 9).backward()
-    ctl.before_optimizer_step(model, opt)
-    opt.step()
-    ctl.step(9, None, model)  # the first step after every write finished writes the marker
+    _one_step(ctl, model, opt, 9)  # the first step after every write finished writes the marker
     assert (ctl.store.snapshot_dir(sid_5) / sio.MARKER).exists() and ctl.store.persisting_id is None
     assert [e["step"] for e in events(tmp_path, "snapshot_persisted")][-1] == 5
     ctl.finalize()
@@ -168,21 +184,12 @@ def test_a_slow_persist_never_blocks_training_and_its_snapshot_is_a_target_meanw
 
 
 def test_a_failing_background_persist_never_commits_on_disk_and_training_goes_on(tmp_path, monkeypatch):
-    model = make_mlp()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    ctl = GradienceController(out_dir=str(tmp_path), guard_snapshot_interval=5, spectral_enabled=False)
-    ctl.initialize(model, optimizer=opt)
+    model, opt, ctl = _guarded_mlp(tmp_path)
     for step in range(14):
         if step == 5:  # the snapshot of step 5's write fails
             _HeldWrites(monkeypatch, error=OSError(28, "No space left on device"))
-        opt.zero_grad(set_to_none=True)
-        loss = mlp_loss(model, step)
-        loss.backward()
-        ctl.before_optimizer_step(model, opt)
-        opt.step()
-        if step == 7:
-            poison("0.weight")(model)  # snapshot 5 never reached the disk: its copy in memory serves
-        assert ctl.step(step, loss, model)
+        # At step 7, snapshot 5 never reached the disk: its copy in memory serves the rollback.
+        assert _one_step(ctl, model, opt, step, on_update=poison("0.weight") if step == 7 else None)
         _wait_persisted(ctl)
     failed = events(tmp_path, "snapshot_persist_failed")
     assert [e["step"] for e in failed] == [5]
@@ -196,17 +203,9 @@ def test_a_failing_background_persist_never_commits_on_disk_and_training_goes_on
 
 
 def test_finalize_persists_the_last_snapshot_of_a_single_process_run(tmp_path):
-    model = make_mlp()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    ctl = GradienceController(out_dir=str(tmp_path), guard_snapshot_interval=5, spectral_enabled=False)
-    ctl.initialize(model, optimizer=opt)
+    model, opt, ctl = _guarded_mlp(tmp_path)
     for step in range(6):
-        opt.zero_grad(set_to_none=True)
-        loss = mlp_loss(model, step)
-        loss.backward()
-        ctl.before_optimizer_step(model, opt)
-        opt.step()
-        ctl.step(step, loss, model)
+        _one_step(ctl, model, opt, step)
     ctl.finalize()
     assert [i.step for i in ctl.store.committed_on_disk()][-1] == 5
 
@@ -273,21 +272,12 @@ def test_hot_tier_configuration_is_checked_and_placement_is_host_memory_without_
 def test_a_crash_while_the_newest_snapshot_is_in_memory_only_resumes_from_disk(tmp_path, monkeypatch):
     # keep=1: the newest target is the only one kept, but while its shard is still being written the newest
     # snapshot on disk must stay, or a crash then would find nothing to resume from.
-    model = make_mlp()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    ctl = GradienceController(out_dir=str(tmp_path), guard_snapshot_interval=5, guard_snapshot_keep=1,
-                              spectral_enabled=False)
-    ctl.initialize(model, optimizer=opt)
+    model, opt, ctl = _guarded_mlp(tmp_path, guard_snapshot_keep=1)
     held = None
     for step in range(8):
         if step == 5:
             held = _HeldWrites(monkeypatch)
-        opt.zero_grad(set_to_none=True)
-        loss = mlp_loss(model, step)
-        loss.backward()
-        ctl.before_optimizer_step(model, opt)
-        opt.step()
-        ctl.step(step, loss, model)
+        _one_step(ctl, model, opt, step)
         if step < 5:
             _wait_persisted(ctl)
         else:
@@ -302,25 +292,18 @@ def test_a_crash_while_the_newest_snapshot_is_in_memory_only_resumes_from_disk(t
 
 
 def test_a_rollback_decided_at_the_gate_does_not_wait_for_a_held_write(tmp_path, monkeypatch):
-    model = make_mlp()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    ctl = GradienceController(out_dir=str(tmp_path), guard_snapshot_interval=5, guard_max_consecutive_skips=2,
-                              spectral_enabled=False)
-    ctl.initialize(model, optimizer=opt)
+    model, opt, ctl = _guarded_mlp(tmp_path, guard_max_consecutive_skips=2)
     held = None
+
+    def nan_grad(m):
+        m[0].weight.grad[0, 0] = float("nan")  # skip, skip, then a rollback decided at the gate
+
     for step in range(10):
         if step == 5:
             held = _HeldWrites(monkeypatch)
-        opt.zero_grad(set_to_none=True)
-        loss = mlp_loss(model, step)
-        loss.backward()
-        if step >= 6:
-            model[0].weight.grad[0, 0] = float("nan")  # skip, skip, then a rollback decided at the gate
         t0 = time.perf_counter()
-        ctl.before_optimizer_step(model, opt)
-        assert time.perf_counter() - t0 < 10, f"the gate of step {step} waited for the held write"
-        opt.step()
-        ctl.step(step, loss, model)
+        _one_step(ctl, model, opt, step, on_grads=nan_grad if step >= 6 else None)
+        assert time.perf_counter() - t0 < 10, f"step {step} waited for the held write"
         if step < 5:
             _wait_persisted(ctl)
     assert [(e["step"], e["to_step"], e["restored_from"]) for e in events(tmp_path, "rollback_success")][0] == \
