@@ -140,6 +140,9 @@ class Deferred:
         self._g = _Channel(_GRADS, comm, self.device)
         self._w = _Channel(_STEP, comm, self.device)
         self._read: tuple[Any, torch.Tensor, int] | None = None  # the previous gate's, read in this step
+        # Per-tensor gradient norms of the staged gate and of the one read in this step (names for a skip).
+        self._parts: torch.Tensor | None = None
+        self._read_parts: torch.Tensor | None = None
         self._gated = False
         self._zero = torch.zeros((), dtype=torch.float64, device=self.device)
         self._one = torch.ones((), dtype=torch.float64, device=self.device)
@@ -150,7 +153,11 @@ class Deferred:
     def gate(self, grads: list[torch.Tensor], loss: torch.Tensor | float | None, step: int) -> None:
         """Flags of this step's gradients, agreed on the device; sets ``found_inf``."""
         self._read, self._g.staged = self._g.staged, None  # the previous step's, for read()
+        self._read_parts = self._parts
         raw = self._grads(grads, self.device)
+        n_params = sum(len(g["params"]) for g in self.optimizer.param_groups)
+        # Aligned with the optimizer's parameters only when every one of them has a gradient.
+        self._parts = self._grads.per_tensor if len(grads) == n_params else None
         norm = _enc(raw)  # NaN -> inf: "not <= threshold" either way
         z = self._zero  # both vectors have one length: ranks in different calls then fail the frame check
         vec = self._g.send([norm, raw.isnan().double(), self._loss(loss)[0], z, z, z],
@@ -179,6 +186,21 @@ class Deferred:
     def forget(self) -> None:
         """Drop the verdicts in flight (after a rollback they describe a state that is gone)."""
         self._read = self._g.staged = self._w.staged = None
+        self._parts = self._read_parts = None
+
+    def bad_grads(self, model: torch.nn.Module | None, threshold: float) -> dict[str, Any] | None:
+        """The parameters whose gradients made the verdict just read a fault, by their per-tensor L2 norm (NaN,
+        inf or above ``threshold``), read back now (a fault may sync); None when the gate's norm pass kept no
+        per-tensor values (a flat copy on a CPU, mixed dtypes, parameters without gradients)."""
+        if self._read_parts is None or model is None:
+            return None
+        norms = self._read_parts.double().tolist()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if len(norms) != len(params):  # the groups changed since the gate
+            return None
+        names = {id(p): n for n, p in model.named_parameters()}
+        bad = [names.get(id(p), "?") for p, v in zip(params, norms, strict=True) if not v <= threshold]
+        return {"params": bad[:5], "buffers": [], "more": max(0, len(bad) - 5), "skipped": []}
 
     def read(self, timeout_s: float) -> tuple[Verdict | None, Verdict | None]:
         """(the previous step's gradients' verdict, the previous step's weights' verdict), either None when
@@ -233,9 +255,11 @@ class AsyncVerdict:
                 self.telemetry.emit("spike", step=grads.step, action="log", detail=decision.detail,
                                     **self._blame(grads))
             if decision.action is Action.SKIP_STEP:
-                # The device skipped it a step ago; its gradients are released by now, so no tensor names.
+                # The device skipped it a step ago and its gradients are gone: names from the gate's per-tensor
+                # norms, when the norm pass kept them.
+                bad = d.bad_grads(self.model, self.config.guard_violation_threshold)
                 self.telemetry.emit("skip_step", step=grads.step, reason=decision.reason, **self._blame(grads),
-                                    grad_norm=grads.grad_norm, bad=None, detail=decision.detail)
+                                    grad_norm=grads.grad_norm, bad=bad, detail=decision.detail)
             elif decision.action is not Action.CONTINUE:
                 self._act(step, grads, decision)  # a rollback or a halt: the weights' verdict is moot
         if decision is None or decision.action in (Action.CONTINUE, Action.SKIP_STEP):

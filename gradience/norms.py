@@ -118,6 +118,9 @@ class TotalNorm:
         #: device): later calls with the same shapes skip the grouping walk. A tensor that changed dtype or
         #: device since makes the reduction raise, and the plan is rebuilt.
         self._direct = False
+        #: The last call's per-tensor L2 norms (one stacked tensor on the device, aligned with the list passed
+        #: in) when that list was one fused group; None otherwise (a flat copy or several groups).
+        self.per_tensor: torch.Tensor | None = None
 
     @torch.no_grad()
     def squares(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -146,9 +149,13 @@ class TotalNorm:
         return torch.stack([p.to(device, torch.float64) for p in parts]).sum().sqrt()
 
     def _squares(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        self.per_tensor = None
         if self._direct:  # one group, the list itself: no per-tensor grouping walk
             flat, _, dtype, buf = self._plan[0]
-            return [_flat_square(tensors, dtype, buf) if flat else _foreach_square(list(tensors), dtype)]
+            if flat:
+                return [_flat_square(tensors, dtype, buf)]
+            norms = self.per_tensor = torch.stack(per_tensor(list(tensors), dtype, 2.0))
+            return [torch.dot(norms, norms)]
         groups = _groups(tensors)
         if len(groups) != len(self._plan):
             raise KeyError("the tensors' (device, dtype) groups changed")

@@ -57,8 +57,33 @@ def test_a_nan_gradient_is_skipped_on_the_device_leaving_every_state_tensor_bitw
     assert ctl._deferred is not None
     skips = events(tmp_path, "skip_step")
     assert [(e["step"], e["reason"]) for e in skips] == [(7, "NONFINITE_GRADS")]
-    # Reported in step 8, when the device's verdict is read; the gradients of step 7 are released by then.
+    # Reported in step 8, when the device's verdict is read; the gradients of step 7 are released by then, and
+    # this model's small tensors take the flat-copy norm pass, which keeps no per-tensor values: no names.
     assert skips[0]["bad"] is None
+
+
+def test_an_async_skip_names_the_bad_gradients_from_the_gates_per_tensor_norms(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.GELU(), torch.nn.Linear(256, 256))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    ctl = GradienceController(out_dir=str(tmp_path), guard_verdict="async", guard_snapshot_interval=50,
+                              spectral_enabled=False)
+    x = torch.randn(16, 256)
+
+    def loss_fn(m, step):
+        return m(x * (1 + step % 3)).pow(2).mean()
+
+    def poison_grads(step, m):
+        if step == 6:
+            m[2].weight.grad[1, 2] = float("inf")
+        if step == 9:
+            m[0].bias.grad[0] = float("nan")
+
+    run_loop(model, loss_fn, ctl, steps=12, optimizer=opt, on_grads=poison_grads)
+    assert ctl._deferred is not None and ctl._deferred._grads.per_tensor is not None  # the fused norm pass
+    skips = events(tmp_path, "skip_step")
+    assert [(e["step"], e["reason"], e["bad"]["params"]) for e in skips] == [
+        (6, "NONFINITE_GRADS", ["2.weight"]), (9, "NONFINITE_GRADS", ["0.bias"])]
     assert "found_inf" not in opt.__dict__  # the guard stops steering the optimizer when it is done
 
 
