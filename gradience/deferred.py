@@ -155,9 +155,10 @@ class Deferred:
         self._read, self._g.staged = self._g.staged, None  # the previous step's, for read()
         self._read_parts = self._parts
         raw = self._grads(grads, self.device)
-        n_params = sum(len(g["params"]) for g in self.optimizer.param_groups)
         # Aligned with the optimizer's parameters only when every one of them has a gradient.
-        self._parts = self._grads.per_tensor if len(grads) == n_params else None
+        parts = self._grads.per_tensor
+        self._parts = parts if parts is not None and len(grads) == sum(
+            len(g["params"]) for g in self.optimizer.param_groups) else None
         norm = _enc(raw)  # NaN -> inf: "not <= threshold" either way
         z = self._zero  # both vectors have one length: ranks in different calls then fail the frame check
         vec = self._g.send([norm, raw.isnan().double(), self._loss(loss)[0], z, z, z],

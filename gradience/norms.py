@@ -154,7 +154,7 @@ class TotalNorm:
             flat, _, dtype, buf = self._plan[0]
             if flat:
                 return [_flat_square(tensors, dtype, buf)]
-            norms = self.per_tensor = torch.stack(per_tensor(list(tensors), dtype, 2.0))
+            norms = self.per_tensor = _foreach_norms(list(tensors), dtype)
             return [torch.dot(norms, norms)]
         groups = _groups(tensors)
         if len(groups) != len(self._plan):
@@ -190,8 +190,12 @@ def _flat_square(group: Sequence[torch.Tensor], dtype: torch.dtype, buf: torch.T
     return torch.linalg.vector_norm(b, dtype=torch.float32).square()
 
 
+def _foreach_norms(group: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    return torch.stack(per_tensor(group, dtype, 2.0))
+
+
 def _foreach_square(group: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    norms = torch.stack(per_tensor(group, dtype, 2.0))
+    norms = _foreach_norms(group, dtype)
     return torch.dot(norms, norms)
 
 

@@ -64,18 +64,25 @@ class Persisting:
         sid = pending.sid
         shards = self._shards_of(pending)
         record = self._records.get(sid)
-        ok = shards is not None and record is not None
-        if ok:
-            marker = {k: v for k, v in record.items() if k != "persisted"} | {"shards": shards}
-            if self.comm.rank == 0:
-                try:
-                    self._write_marker(sid, marker)
-                except Exception as e:
-                    self.last_error, ok = e, False
-        if not agree_all(self.comm, ok):
-            self._discard(sid)
+        marker = None if shards is None or record is None else \
+            {k: v for k, v in record.items() if k != "persisted"} | {"shards": shards}
+        if not self._mark(sid, marker):
             return False
         record.update(shards=shards, persisted=True)
+        return True
+
+    def _mark(self, sid: int, record: dict[str, Any] | None) -> bool:
+        """*Collective.* Rank 0 writes the marker of ``record`` (disk tier) and every rank learns whether it
+        did; on any failure this rank's files of ``sid`` go. None: the exchange already failed on every rank."""
+        ok = record is not None
+        if ok and self.tier == "disk" and self.comm.rank == 0:
+            try:
+                self._write_marker(sid, record)
+            except Exception as e:
+                self.last_error, ok = e, False
+        if record is None or not agree_all(self.comm, ok):
+            self._discard(sid)
+            return False
         return True
 
     def unrestorable(self) -> set[int]:

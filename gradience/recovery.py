@@ -62,7 +62,8 @@ class Recovery:
             self.store.begin(sid, step=label, meta=meta, extra=extra, save_fn=t.save_fn)
         else:
             # A background write or a kept copy is read while training goes on: it must not alias live tensors.
-            copy = self.config.guard_snapshot_tier == "memory" or background or self.config.guard_snapshot_hot != "off"
+            # (The memory tier refuses guard_snapshot_hot='off': its snapshots are kept copies.)
+            copy = background or self.config.guard_snapshot_hot != "off"
             self.store.begin(sid, step=label, meta=meta, extra=extra, background=background,
                              capture=lambda where: t.backend.capture(copy=copy, where=where))
 

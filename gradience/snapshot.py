@@ -223,8 +223,8 @@ class SnapshotStore(Persisting):
             if capture is not None:
                 tensors, more = self._capture(capture, hot)
                 pending.meta.update(more)
-                if hot is not None or self.tier == "memory":
-                    pending.hot = (hot or HotTier("host")).made(tensors, pending.meta)
+                if hot is not None:
+                    pending.hot = hot.made(tensors, pending.meta)
             job = self._shard_job(sid, tensors, pending, save_fn)
         except Exception as e:  # reported through finish(), never by skipping the agreement
             pending.error = e
@@ -269,19 +269,10 @@ class SnapshotStore(Persisting):
             return self._commit_hot(pending)
         sid = pending.sid
         shards = self._shards_of(pending)
-        if shards is None:
-            self._discard(sid)
-            return False
-        record = {"format": FORMAT_VERSION, "id": sid, "step": pending.step, "world_size": self.comm.world_size,
-                  "tier": self.tier, "extra": pending.extra, "shards": shards}
-        committed = True
-        if self.tier == "disk" and self.comm.rank == 0:
-            try:
-                self._write_marker(sid, record)
-            except Exception as e:
-                self.last_error, committed = e, False
-        if not agree_all(self.comm, committed):
-            self._discard(sid)
+        record = None if shards is None else {
+            "format": FORMAT_VERSION, "id": sid, "step": pending.step, "world_size": self.comm.world_size,
+            "tier": self.tier, "extra": pending.extra, "shards": shards}
+        if not self._mark(sid, record):
             return False
         self._records[sid] = record
         if self.tier == "memory":

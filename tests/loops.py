@@ -125,6 +125,19 @@ def used_lrs(opt: torch.optim.Optimizer) -> list[float]:
     return seen
 
 
+def state_copy(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Copies of every model state tensor and optimizer state tensor, in the optimizer's parameter order."""
+    out = [t.detach().clone() for t in model.state_dict().values()]
+    for p in (p for g in opt.param_groups for p in g["params"]):
+        out += [v.detach().clone() for _, v in sorted(opt.state[p].items()) if torch.is_tensor(v)]
+    return out
+
+
+def bitwise_same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    """Two :func:`state_copy` results hold the same tensors, bit for bit."""
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
 def poison(name: str, value: float = float("nan")) -> Callable[[torch.nn.Module], None]:
     def f(model: torch.nn.Module) -> None:
         with torch.no_grad():

@@ -11,7 +11,7 @@ import torch
 from gradience import GradienceController
 from gradience.comm import TorchComm
 from gradience.errors import ConfigError
-from tests.loops import events, make_mlp, mlp_loss, poison, run_loop
+from tests.loops import bitwise_same, events, make_mlp, mlp_loss, poison, run_loop, state_copy
 from tests.threaded import free_groups, make_groups, run_ranks
 
 FUSED = {
@@ -21,16 +21,6 @@ FUSED = {
     "Adagrad": lambda p: torch.optim.Adagrad(p, lr=1e-2, fused=True),
 }
 
-
-def _state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
-    out = [t.detach().clone() for t in model.state_dict().values()]
-    for p in (p for g in opt.param_groups for p in g["params"]):  # the optimizer's order, not the state dict's
-        out += [v.detach().clone() for _, v in sorted(opt.state[p].items()) if torch.is_tensor(v)]
-    return out
-
-
-def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 @pytest.mark.parametrize("name", list(FUSED))
@@ -46,12 +36,12 @@ def test_a_nan_gradient_is_skipped_on_the_device_leaving_every_state_tensor_bitw
         loss.backward()
         if step == 7:
             model[2].bias.grad[0] = float("nan")
-        before = _state(model, opt)
+        before = state_copy(model, opt)
         assert ctl.before_optimizer_step(model, opt, loss=loss)  # the host does not know yet: the device decides
         opt.step()
-        after = _state(model, opt)
+        after = state_copy(model, opt)
         # Parameters, moments, momentum buffers, sums and step counts: untouched exactly at the NaN step.
-        assert _same(before, after) == (step == 7), step
+        assert bitwise_same(before, after) == (step == 7), step
         assert ctl.step(step, loss, model)
     ctl.finalize()
     assert ctl._deferred is not None
@@ -102,13 +92,13 @@ def _weight_fault_run(tmp_path, mode: str):
         ctl.before_optimizer_step(model, opt, loss=loss)
         opt.step()
         if step == 10:
-            at_10 = _state(model, opt)
+            at_10 = state_copy(model, opt)
         if step == 12:
             poison("2.weight")(model)
         rollbacks = ctl.state.total_rollbacks
         assert ctl.step(step, loss, model)
         if ctl.state.total_rollbacks > rollbacks:
-            restored = _state(model, opt)
+            restored = state_copy(model, opt)
     return ctl.finalize(), events(tmp_path / mode, "rollback_success"), at_10, restored
 
 
@@ -119,7 +109,7 @@ def test_a_weight_fault_is_rolled_back_one_step_later_to_the_target_the_sync_pat
     assert [(e["step"], e["to_step"]) for e in late_rb] == [(13, 10)]  # detected one step later, same target
     # Step 13's update ran on NaN weights: the device skipped it, and the rollback puts back the weights and
     # optimizer state of step 10 bitwise, the same state on both paths.
-    assert _same(sync_restored, sync_10) and _same(late_restored, late_10) and _same(sync_10, late_10)
+    assert bitwise_same(sync_restored, sync_10) and bitwise_same(late_restored, late_10) and bitwise_same(sync_10, late_10)
     assert sync["guard"]["lr_scale"] == late["guard"]["lr_scale"] == 0.5
     assert sync["guard"]["integrity_status"] == late["guard"]["integrity_status"] == "RECOVERED"
 
@@ -187,11 +177,11 @@ def test_two_ranks_skip_together_with_device_all_reduces_only(tmp_path, groups2)
             if step == 4:
                 calls[rank].clear()
             if step == 6:
-                before_nan = _state(model, opt)
+                before_nan = state_copy(model, opt)
             ctl.before_optimizer_step(model, opt, loss=loss)
             opt.step()
             if step == 6:
-                assert _same(before_nan, _state(model, opt)), f"rank {rank} applied the poisoned step"
+                assert bitwise_same(before_nan, state_copy(model, opt)), f"rank {rank} applied the poisoned step"
             ctl.step(step, loss, model)
             if ctl.store._persisting is not None:  # the snapshot of step 0: marked in a step before the count
                 ctl.store._persisting.thread.join(30)

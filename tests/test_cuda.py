@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gradience import GradienceController
-from tests.loops import events
+from tests.loops import bitwise_same, events, state_copy
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -25,16 +25,6 @@ def _loss(model: torch.nn.Module, step: int) -> torch.Tensor:
     x = torch.randn(32, 64, device="cuda", generator=g)
     return model(x).pow(2).mean()
 
-
-def _state(model, opt) -> list[torch.Tensor]:
-    out = [t.detach().clone() for t in model.state_dict().values()]
-    for p in (p for g in opt.param_groups for p in g["params"]):
-        out += [v.detach().clone() for _, v in sorted(opt.state[p].items()) if torch.is_tensor(v)]
-    return out
-
-
-def _same(a, b) -> bool:
-    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_async_verdict_has_no_host_sync_in_the_steady_state(tmp_path):
@@ -77,13 +67,13 @@ def test_gate_on_the_device_and_a_weight_fault_rolled_back_from_device_memory(tm
         loss.backward()
         if step == 7:
             model[2].bias.grad[0] = float("nan")
-        before = _state(model, opt)
+        before = state_copy(model, opt)
         ctl.before_optimizer_step(model, opt, loss=loss)
         opt.step()
         if step == 7:
-            assert _same(before, _state(model, opt))  # skipped on the device, bitwise
+            assert bitwise_same(before, state_copy(model, opt))  # skipped on the device, bitwise
         if step == 10:
-            at_10 = _state(model, opt)
+            at_10 = state_copy(model, opt)
             at_10_cpu = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         if step == 12:
             with torch.no_grad():
@@ -91,7 +81,7 @@ def test_gate_on_the_device_and_a_weight_fault_rolled_back_from_device_memory(tm
         n = ctl.state.total_rollbacks
         assert ctl.step(step, loss, model)
         if ctl.state.total_rollbacks > n:
-            restored = _state(model, opt)
+            restored = state_copy(model, opt)
         if step == 11:  # snapshot 10 committed (one step late under async): its copy lives in device memory
             hot = ctl.store._hot[max(ctl.store._hot)]
             assert all(t.is_cuda for t in hot.tensors.values())
@@ -99,7 +89,7 @@ def test_gate_on_the_device_and_a_weight_fault_rolled_back_from_device_memory(tm
     assert [(e["step"], e["reason"]) for e in events(tmp_path, "skip_step")] == [(7, "NONFINITE_GRADS")]
     rb = events(tmp_path, "rollback_success")
     assert [(e["step"], e["to_step"], e["restored_from"]) for e in rb] == [(13, 10, "memory")]
-    assert _same(restored, at_10)
+    assert bitwise_same(restored, at_10)
     from safetensors.torch import load_file
 
     sid = next(i.sid for i in ctl.store.committed_on_disk() if i.step == 10)

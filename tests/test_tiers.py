@@ -16,22 +16,12 @@ from gradience.comm import TorchComm
 from gradience.errors import ConfigError
 from gradience.hot import HotTier
 from gradience.snapshot import SnapshotStore
-from tests.loops import events, gpt2_loss, make_gpt2, make_mlp, mlp_loss, poison
+from tests.loops import bitwise_same, events, gpt2_loss, make_gpt2, make_mlp, mlp_loss, poison, state_copy
 from tests.threaded import free_groups, make_groups, run_ranks
 
 MODELS = {"mlp": (make_mlp, mlp_loss, "2.weight"),
           "gpt2": (make_gpt2, gpt2_loss, "transformer.h.0.attn.c_attn.weight")}  # tied embeddings
 
-
-def _state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
-    out = [t.detach().clone() for t in model.state_dict().values()]
-    for p in (p for g in opt.param_groups for p in g["params"]):
-        out += [v.detach().clone() for _, v in sorted(opt.state[p].items()) if torch.is_tensor(v)]
-    return out
-
-
-def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def _wait_persisted(ctl: GradienceController) -> None:
@@ -83,7 +73,7 @@ def _train(tmp_path, model_name: str, hot: str, *, corrupt_10: bool = False, opt
         ctl.before_optimizer_step(model, opt)
         opt.step()
         if step == 10:
-            at_10 = _state(model, opt)
+            at_10 = state_copy(model, opt)
         if step == 12:
             if corrupt_10:  # the shard of step 10 on disk is damaged: only a read from memory restores it
                 newest = ctl.store.committed()[-1]
@@ -96,7 +86,7 @@ def _train(tmp_path, model_name: str, hot: str, *, corrupt_10: bool = False, opt
         rollbacks = ctl.state.total_rollbacks
         assert ctl.step(step, loss, model)
         if ctl.state.total_rollbacks > rollbacks:
-            restored = _state(model, opt)
+            restored = state_copy(model, opt)
         _wait_persisted(ctl)  # a snapshot's marker is then written at the next step, whatever the disk's speed
     ctl.finalize()
     return events(out, "rollback_success"), at_10, restored
@@ -108,13 +98,13 @@ def test_hot_and_cold_rollbacks_restore_the_same_state_bitwise(tmp_path, model_n
     cold_rb, cold_10, cold_restored = _train(tmp_path, model_name, "off", opt_name=opt_name)
     assert [(e["step"], e["to_step"], e["restored_from"]) for e in hot_rb] == [(12, 10, "memory")]
     assert [(e["step"], e["to_step"], e["restored_from"]) for e in cold_rb] == [(12, 10, "disk")]
-    assert _same(hot_restored, hot_10) and _same(cold_restored, cold_10) and _same(hot_10, cold_10)
+    assert bitwise_same(hot_restored, hot_10) and bitwise_same(cold_restored, cold_10) and bitwise_same(hot_10, cold_10)
 
 
 def test_the_hot_copy_serves_a_rollback_whose_shard_on_disk_is_damaged(tmp_path):
     rb, at_10, restored = _train(tmp_path, "mlp", "auto", corrupt_10=True)
     assert [(e["to_step"], e["restored_from"]) for e in rb] == [(10, "memory")]
-    assert _same(restored, at_10)
+    assert bitwise_same(restored, at_10)
     # Without the hot copy the checksum rejects the damaged shard and the guard falls back to step 5's.
     rb, _, _ = _train(tmp_path, "mlp", "off", corrupt_10=True)
     assert [(e["to_step"], e["restored_from"]) for e in rb] == [(5, "disk")]
@@ -328,14 +318,14 @@ def test_the_in_place_restore_equals_the_load_state_dict_restore(tmp_path, model
 
     train(3)
     saved, meta = st.capture_state(model, opt, copy=True)
-    at_save = _state(model, opt)
+    at_save = state_copy(model, opt)
     results = []
     for in_place in (True, False):
         train(2)
         if not in_place:
             monkeypatch.setattr(st, "_restore_in_place", lambda *a: False)
         st.restore_state(saved, meta, model, opt)
-        results.append(_state(model, opt))
-    assert _same(results[0], at_save) and _same(results[1], at_save)
+        results.append(state_copy(model, opt))
+    assert bitwise_same(results[0], at_save) and bitwise_same(results[1], at_save)
     if model_name == "gpt2":  # the tie survives both paths
         assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
