@@ -333,6 +333,9 @@ def _probe_error(lg: EventLogger, r: Mapping[str, Any]) -> _Out:
 
 def _snapshot(lg: EventLogger, r: Mapping[str, Any]) -> _Out:
     step, error = r.get("step"), r.get("local_error")
+    if r.get("committed") and r.get("in_memory"):
+        return logging.DEBUG, (f"snapshot of step {_t(step)} committed in memory (a rollback target now; its shard "
+                               "is being written in the background)"), False
     if r.get("committed"):
         return logging.DEBUG, f"snapshot of step {_t(step)} committed ({_t(r.get('tier'))}, {_t(r.get('path'))})", False
     if r.get("abandoned_at") is not None or (isinstance(error, str) and error.startswith("abandoned")):

@@ -4,6 +4,7 @@ finished, so a slow or failing disk never stops training and never leaves a mark
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -173,7 +174,8 @@ def test_a_slow_persist_never_blocks_training_and_its_snapshot_is_a_target_meanw
     assert at_5.keys() and all(torch.equal(disk[f"model.{k}"], v) for k, v in at_5.items())
 
 
-def test_a_failing_background_persist_never_commits_on_disk_and_training_goes_on(tmp_path, monkeypatch):
+def test_a_failing_background_persist_never_commits_on_disk_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.WARNING, logger="gradience")
     model, opt, ctl = _guarded_mlp(tmp_path)
     for step in range(14):
         if step == 5:  # the snapshot of step 5's write fails
@@ -184,6 +186,9 @@ def test_a_failing_background_persist_never_commits_on_disk_and_training_goes_on
     failed = events(tmp_path, "snapshot_persist_failed")
     assert [e["step"] for e in failed] == [5]
     assert "No space left" in failed[0]["local_error"]
+    # The user sees it in the log, not only in telemetry.jsonl.
+    assert any("snapshot of step 5 could not be written to disk" in r.getMessage() and r.levelno == logging.WARNING
+               for r in caplog.records)
     assert [(e["to_step"], e["restored_from"]) for e in events(tmp_path, "rollback_success")] == [(5, "memory")]
     summary = ctl.finalize()
     on_disk = [i.step for i in ctl.store.committed_on_disk()]
