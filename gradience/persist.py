@@ -127,7 +127,8 @@ class Persisting:
             return capture("pinned")
 
 
-def exchange_shards(comm: Comm, global_rank: int, result: tuple[str, int, int], *, ok: bool) -> list[dict[str, Any]] | None:
+def exchange_shards(comm: Comm, global_rank: int, result: tuple[str, int, int], *,
+                    ok: bool) -> list[dict[str, Any]] | None:
     """One MAX all-reduce carrying every rank's failure flag, SHA-256, size and global rank; the marker's
     shard list, identical on every rank, or None if any rank failed."""
     n = comm.world_size

@@ -39,7 +39,8 @@ class BadTensors(TypedDict):
 
 
 def screen(tensors: Sequence[torch.Tensor], norm: float, threshold: float) -> tuple[bool, bool]:
-    """(non-finite, violation) from a :func:`~gradience.norms.TotalNorm` value, computing the exact max|x| only if needed.
+    """(non-finite, violation) from a :func:`~gradience.norms.TotalNorm` value, computing the exact max|x| only
+    if needed.
 
     A NaN norm is always a NaN element; an infinite one may be an overflow of finite elements, so it falls
     through to the exact pass like any norm above the threshold.

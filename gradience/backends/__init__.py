@@ -151,9 +151,9 @@ def copy_into(live: torch.Tensor, saved: torch.Tensor, name: str) -> None:
 def capture_shard(named: Iterable[tuple[str, torch.Tensor]], optimizer_states: Iterable[tuple[str, dict]], *,
                   copy: bool, local: Callable[[Any], torch.Tensor] = lambda t: t, where: str = "cpu",
                   ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, dict[str, Any]]]:
-    """A sharded backend's shard: (CPU tensors, aliases, non-tensor optimizer values). ``named``: the live tensors
-    (each storage kept once); ``optimizer_states``: (label, the optimizer's state dict of one parameter), whose
-    tensors go in as ``optim.<label>.<key>`` and other values into the JSON side."""
+    """A sharded backend's shard: (tensors placed by ``where``, aliases, non-tensor optimizer values).
+    ``named``: the live tensors (each storage kept once); ``optimizer_states``: (label, the optimizer's state dict
+    of one parameter), whose tensors go in as ``optim.<label>.<key>`` and other values into the JSON side."""
     live, aliases = unique(named)
     tensors = {n: take(t, copy, where) for n, t in live.items()}
     scalars: dict[str, dict[str, Any]] = {}
