@@ -118,6 +118,7 @@ class TotalNorm:
         #: device): later calls with the same shapes skip the grouping walk. A tensor that changed dtype or
         #: device since makes the reduction raise, and the plan is rebuilt.
         self._direct = False
+        self._sparse = False
         #: The last call's per-tensor L2 norms (one stacked tensor on the device, aligned with the list passed
         #: in) when that list was one fused group; None otherwise (a flat copy or several groups).
         self.per_tensor: torch.Tensor | None = None
@@ -159,11 +160,15 @@ class TotalNorm:
         groups = _groups(tensors)
         if len(groups) != len(self._plan):
             raise KeyError("the tensors' (device, dtype) groups changed")
+        if self._sparse and any(flat and sum(t.numel() for t in groups[(device, dtype)]) != buf.size(1)
+                                for flat, device, dtype, buf in self._plan):
+            raise KeyError("a sparse tensor's stored values changed size")  # its dense size() did not
         return [_flat_square(groups[(device, dtype)], dtype, buf) if flat
                 else _foreach_square(groups[(device, dtype)], dtype) for flat, device, dtype, buf in self._plan]
 
     def _build(self, tensors: Sequence[torch.Tensor], key: tuple) -> None:
         self._key, self._plan = None, []
+        self._sparse = any(t.layout is not _STRIDED for t in tensors)
         groups = _groups(tensors)
         for (device, dtype), group in groups.items():
             numel = sum(t.numel() for t in group)

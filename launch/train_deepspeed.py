@@ -73,10 +73,14 @@ def main() -> int:
         print(f"train_deepspeed.py: rank {rank}: {e}", file=sys.stderr, flush=True)
         code = e.exit_code
     summary = g.finalize()
-    print(json.dumps({"rank": rank, "world_size": world, "zero_stage": g.backend.stage, "exit_code": code,
-                      "final_loss": float(loss) if loss is not None else None,
-                      "finite": loss is not None and math.isfinite(float(loss)), "lr": engine.get_lr()[0],
-                      "guard": summary["guard"]}), flush=True)
+    line = json.dumps({"rank": rank, "world_size": world, "zero_stage": g.backend.stage, "exit_code": code,
+                       "final_loss": float(loss) if loss is not None else None,
+                       "finite": loss is not None and math.isfinite(float(loss)), "lr": engine.get_lr()[0],
+                       "guard": summary["guard"]})
+    # One write with its newline: DeepSpeed's launcher runs ranks under `python -u` on a shared pipe, where
+    # print() issues the text and the newline as two writes and another rank's line can land in between.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
     gradience.exit_process(code)
     return code
 

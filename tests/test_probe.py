@@ -79,6 +79,25 @@ def test_total_norm_keeps_its_plan_across_steps_and_replans_when_the_tensors_cha
     assert float(norm([torch.arange(3)])) == 0.0
 
 
+def test_a_sparse_gradient_whose_stored_values_change_size_is_replanned_not_resized():
+    """A sparse tensor's size() is its dense size, so the plan's key holds while its stored values grow or shrink:
+    the flat buffer must be planned again (torch deprecates resizing an ``out=`` tensor that has elements)."""
+    import warnings
+
+    from gradience.norms import TotalNorm
+
+    dense = [torch.randn(8, 4) for _ in range(5)]
+    norm = TotalNorm()
+    for nnz in (7, 3, 11):
+        rows = torch.randint(0, 50, (nnz,))
+        sparse = torch.sparse_coo_tensor(rows[None], torch.randn(nnz, 4), (50, 4), check_invariants=True)
+        tensors = [*dense, sparse]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = float(norm(tensors))
+        assert got == pytest.approx(_exact_total([*dense, sparse.to_dense()]), rel=1e-5), nnz
+
+
 def test_the_total_norm_screen_catches_one_inf_among_many_tensors_with_the_flat_copy():
     from gradience.norms import TotalNorm
 
