@@ -26,7 +26,22 @@ def test_overhead_bench_prints_every_arm_and_writes_the_documented_json(capsys, 
         assert 0 < arm["in_call_ms"] < arm["step_ms"]  # the guard's calls are timed inside the step
     assert 0 < r["fixed"]["in_call_ms"] and set(r["rollback"]) == {"hot", "disk"}
     assert all(x["rollback_ms"] > 0 and x["in_steps"] > 0 for x in r["rollback"].values())
+    assert [x["detected_after"] for x in r["rollback"].values()] == [1, 1]  # synchronous: in the same step call
     assert r["persist_ms"]["n"] >= 1 and r["persist_ms"]["median"] > 0  # the initial snapshots were written
+
+
+def test_the_async_bench_measures_an_asynchronous_rollback(capsys, caplog, tmp_path):
+    """Under ``--verdict async`` the rollback row times the call that reads the faulty step's verdict, one step
+    after the fault, with the gate on every step (never a fall back to the synchronous verdict)."""
+    out_json = tmp_path / "a.json"
+    with caplog.at_level("WARNING", logger="gradience"):
+        assert main(["overhead", "--blocks", "1", "--block", "10", "--fused", "--verdict", "async",
+                     "--json", str(out_json)]) == 0
+    r = json.loads(out_json.read_text())
+    assert r["model"]["verdict"] == "async"
+    assert [x["detected_after"] for x in r["rollback"].values()] == [2, 2]
+    assert "steps after the fault" in capsys.readouterr().out
+    assert not [m for m in caplog.messages if "without before_optimizer_step" in m]
 
 
 def test_unknown_benchmark_is_an_error(capsys):

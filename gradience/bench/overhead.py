@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         result["check_pass_ms"] = None if args.fsdp2 else _check_passes(model, optimizer, batches, train_step, device)
         result["fixed"] = None if args.fsdp2 else _fixed_cost(device, Path(tmp) / "fixed", args.block, args)
         result["rollback"] = _rollbacks(model, optimizer, batches, train_step, device, Path(tmp) / "rb",
-                                        2 if args.quick else 5)
+                                        2 if args.quick else 5, args.verdict)
         if device.type == "cuda":
             result["host_syncs_per_step"] = _host_syncs(model, optimizer, batches, train_step, Path(tmp) / "sy",
                                                         args.verdict)
@@ -257,8 +257,10 @@ def _fixed_cost(device: torch.device, out: Path, steps: int, args: argparse.Name
             "in_call_ms": 1e3 * statistics.median(i for _, i in runs)}
 
 
-def _rollbacks(model, optimizer, batches, train_step, device, out: Path, n: int) -> dict[str, Any]:
-    """Seconds of the ``step`` call that rolls back (a NaN written into a weight), per tier, against a step."""
+def _rollbacks(model, optimizer, batches, train_step, device, out: Path, n: int, verdict: str) -> dict[str, Any]:
+    """Seconds of the ``step`` call that rolls back (a NaN written into a weight after an update), per tier,
+    against a step. The loop goes on as a user's would, so under the asynchronous verdict the rollback is the
+    next step's call (``detected_after``: guarded steps from the fault to the rollback, 1 when synchronous)."""
     out_rb: dict[str, Any] = {}
     weight = next(p for p in model.parameters() if p.ndim == 2)
     weight = weight.to_local() if hasattr(weight, "to_local") else weight  # a shard: the fault on every rank
@@ -268,24 +270,43 @@ def _rollbacks(model, optimizer, batches, train_step, device, out: Path, n: int)
         # Every rollback goes back to the same snapshot: it must not be retired as a repeat offender.
         g = GradienceController(out_dir=str(out / tier), guard_snapshot_hot=hot, guard_max_rollbacks=10 * n,
                                 guard_max_snapshot_failures=10 * n, guard_snapshot_interval=10**6,
-                                guard_lr_backoff=1.0, spectral_enabled=False)
+                                guard_lr_backoff=1.0, spectral_enabled=False, guard_verdict=verdict)
         g.initialize(model, optimizer=optimizer)
-        times, steps = [], []
+        times, steps, after = [], [], []
         for i in range(n):
             step_s, _ = _block(model, optimizer, batches[:5], train_step, g, 10 * i, device)
             steps.append(step_s)
-            with torch.no_grad():
-                weight.view(-1)[0] = float("nan")
-            _sync(device)
-            t0 = time.perf_counter()
-            g.step(10 * i + 5, None, model)
-            _sync(device)
-            times.append(time.perf_counter() - t0)
+            t, k = _rollback_call(model, optimizer, batches[5:8], train_step, g, 10 * i + 5, weight, device)
+            times.append(t)
+            after.append(k)
         g.finalize()
         step_s = statistics.median(steps)
         out_rb[tier] = {"rollback_ms": 1e3 * statistics.median(times), "step_ms": 1e3 * step_s,
-                        "in_steps": statistics.median(times) / step_s, "n": n}
+                        "in_steps": statistics.median(times) / step_s, "n": n, "detected_after": max(after)}
     return out_rb
+
+
+def _rollback_call(model, optimizer, batches, train_step, g, start, weight, device) -> tuple[float, int]:
+    """(seconds of the ``step`` call that rolled back, guarded steps it took) after a NaN lands in ``weight``
+    between an update and its ``step`` call."""
+    rollbacks = g.state.total_rollbacks
+    for k, ids in enumerate(batches):
+        optimizer.zero_grad(set_to_none=True)
+        loss = train_step(model, ids)
+        loss.backward()
+        g.before_optimizer_step(model, optimizer, loss=loss)
+        optimizer.step()
+        if k == 0:
+            with torch.no_grad():
+                weight.view(-1)[0] = float("nan")
+        _sync(device)
+        t0 = time.perf_counter()
+        g.step(start + k, loss, model)
+        _sync(device)
+        took = time.perf_counter() - t0
+        if g.state.total_rollbacks > rollbacks:
+            return took, k + 1
+    raise RuntimeError(f"no rollback within {len(batches)} guarded steps of a NaN weight")
 
 
 def _host_syncs(model, optimizer, batches, train_step, out: Path, verdict: str) -> float:
@@ -343,7 +364,8 @@ def _print(r: dict[str, Any]) -> None:
         print(f"snapshot per rank: {r['snapshot_bytes_per_rank'] / 1e3:.0f} KB"
               + (f" (FSDP2 over {ranks} ranks: its shards)" if ranks else ""))
     for tier, x in r["rollback"].items():
-        print(f"rollback from the {tier} tier: {x['rollback_ms']:.2f} ms = {x['in_steps']:.2f} steps")
+        print(f"rollback from the {tier} tier: {x['rollback_ms']:.2f} ms = {x['in_steps']:.2f} steps"
+              + (f" (in the step call {x['detected_after']} steps after the fault)" if x["detected_after"] > 1 else ""))
     if r.get("persist_ms"):
         print(f"disk snapshot write (persist): {r['persist_ms']['median']:.2f} ms (median of {r['persist_ms']['n']})")
     if "host_syncs_per_step" in r:
