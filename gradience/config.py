@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from gradience.errors import ConfigError
-from gradience.risk import RiskBands, SpikeRule
+from gradience.risk import RiskBands
+from gradience.spike import SpikeRule
 
 SNAPSHOT_TIERS = ("disk", "memory")
 SNAPSHOT_HOT = ("auto", "host", "off")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from gradience import risk
+from gradience import risk, spike
 from gradience.config import GradienceConfig
 from gradience.types import Action, Decision, GuardState, Phase, Reason, RiskLevel, Verdict
 
@@ -91,13 +91,13 @@ def _react(state: GuardState, tick: int, config: GradienceConfig) -> tuple[Guard
 def _check_spike(state: GuardState, verdict: Verdict, config: GradienceConfig) -> tuple[GuardState, str | None]:
     """Run the spike rule on the agreed loss and grad norm; the new state and, if it fired, why."""
     memory = state.spike_state
-    if not isinstance(memory, risk.SpikeState):
-        memory = risk.SpikeState.from_dict(memory) if memory else risk.SpikeState()
+    if not isinstance(memory, spike.SpikeState):
+        memory = spike.SpikeState.from_dict(memory) if memory else spike.SpikeState()
     # Logged spikes let the update go ahead: the run moved on, and so does the window.
-    memory, spike = risk.check_spike(memory, loss=verdict.loss, grad_norm=verdict.grad_norm,
-                                     rule=config.spike_rule(), accept_fired=config.spike_action == "log")
+    memory, fired = spike.check_spike(memory, loss=verdict.loss, grad_norm=verdict.grad_norm,
+                                      rule=config.spike_rule(), accept_fired=config.spike_action == "log")
     state = dataclasses.replace(state, spike_state=memory)
-    return state, (spike.describe() if spike.fired else None)
+    return state, (fired.describe() if fired.fired else None)
 
 
 def spectral_due(tick: int, config: GradienceConfig, state: GuardState | None = None) -> bool:

@@ -198,7 +198,7 @@ class GuardState:
     kappa_history: tuple[tuple[int, float], ...] = ()
     #: The spectral risk level after the newest probe (a RiskLevel value), None before the first.
     risk_level: str | None = None
-    #: The spike rule's memory: a :class:`gradience.risk.SpikeState` (a dict when loaded from JSON, converted
+    #: The spike rule's memory: a :class:`gradience.spike.SpikeState` (a dict when loaded from JSON, converted
     #: at the next check), None before the first check. Kept as the object: converting 2 × 128 values to and
     #: from a dict every step cost more than the rest of the policy.
     spike_state: Any = None
@@ -241,7 +241,7 @@ class GuardState:
         if "kappa_history" in d:
             d["kappa_history"] = tuple((int(t), float(k)) for t, k in d["kappa_history"])
         if isinstance(d.get("spike_state"), dict):
-            from gradience.risk import SpikeState  # risk imports this module
+            from gradience.spike import SpikeState  # spike imports risk, which imports this module
 
             d["spike_state"] = SpikeState.from_dict(d["spike_state"])
         return cls(**d)

@@ -1,4 +1,4 @@
-"""gradience.risk: spectral slope/volatility → level tables, burn-in, history rules, and the spike test's tables
+"""gradience.risk and gradience.spike: spectral slope/volatility → level tables, burn-in, history rules, and the spike test's tables
 plus its properties on synthetic runs (healthy runs never fire, a 20× spike fires exactly once, a drift never).
 
 Everything is pure Python, so these run in seconds without torch.
@@ -16,22 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradience.risk import (
-    SEED_BANDS,
-    SIGNALS,
-    RiskBands,
-    SignalStats,
-    SpikeRule,
-    SpikeState,
-    SpikeVerdict,
-    _accept,
-    _mean_std,
-    append_history,
-    check_spike,
-    classify,
-    risk_level,
-    slope_volatility,
-)
+from gradience.risk import SEED_BANDS, RiskBands, append_history, classify, risk_level, slope_volatility
+from gradience.spike import SIGNALS, SignalStats, SpikeRule, SpikeState, SpikeVerdict, _accept, _mean_std, check_spike
 from gradience.types import RiskLevel
 
 BANDS = SEED_BANDS  # the tables below are written in the seed design's numbers
