@@ -15,6 +15,7 @@ from gradience.risk import RiskBands
 from gradience.spike import SpikeRule
 
 SNAPSHOT_TIERS = ("disk", "memory")
+#: guard_snapshot_hot values: "auto" (device memory within the budget, else host), "host", "off" (no copy).
 SNAPSHOT_HOT = ("auto", "host", "off")
 SPECTRAL_DEFINITIONS = ("auto", "attention", "hidden_sigma")
 SPIKE_ACTIONS = ("off", "log", "skip", "rollback")

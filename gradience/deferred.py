@@ -35,7 +35,7 @@ from gradience import policy
 from gradience.comm import KINDS
 from gradience.errors import CollectiveMismatch, ConsensusTimeout
 from gradience.norms import TotalNorm
-from gradience.probe import loss_reads
+from gradience.probe import bad_named, loss_reads
 from gradience.types import Action, Phase, Reason, Verdict
 
 logger = logging.getLogger(__name__)
@@ -195,13 +195,14 @@ class Deferred:
         per-tensor values (a flat copy on a CPU, mixed dtypes, parameters without gradients)."""
         if self._read_parts is None or model is None:
             return None
-        norms = self._read_parts.double().tolist()
+        norms = self._read_parts.unbind()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if len(norms) != len(params):  # the groups changed since the gate
             return None
         names = {id(p): n for n, p in model.named_parameters()}
-        bad = [names.get(id(p), "?") for p, v in zip(params, norms, strict=True) if not v <= threshold]
-        return {"params": bad[:5], "buffers": [], "more": max(0, len(bad) - 5), "skipped": []}
+        # A tensor's L2 norm judged as a 0-d tensor: the probe's rule (NaN, inf or above the threshold) and listing.
+        return bad_named([(names.get(id(p), "?"), v) for p, v in zip(params, norms, strict=True)], (),
+                         threshold=threshold)
 
     def read(self, timeout_s: float) -> tuple[Verdict | None, Verdict | None]:
         """(the previous step's gradients' verdict, the previous step's weights' verdict), either None when

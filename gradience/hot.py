@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-logger = logging.getLogger(__name__)
+from gradience.config import SNAPSHOT_HOT as MODES
+from gradience.state import take
 
-#: guard_snapshot_hot values: "auto" (device memory within the budget, else host), "host", "off" (no copy).
-MODES = ("auto", "host", "off")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,8 +58,7 @@ class HotCopy:
         side = torch.cuda.Stream(device=self.tensors[on_device[0]].device)
         with torch.cuda.stream(side):
             for k in on_device:
-                host = torch.empty(out[k].shape, dtype=out[k].dtype, pin_memory=True)
-                out[k] = host.copy_(out[k], non_blocking=True)
+                out[k] = take(out[k], False, "pinned")
         side.synchronize()
         return out
 

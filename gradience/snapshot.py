@@ -383,16 +383,15 @@ class SnapshotStore(Persisting):
             metadata = {"gradience": json.dumps(pending.meta),
                         "gradience_snapshot": json.dumps({"id": sid, "step": pending.step})}
 
-            def write(ts: dict[str, torch.Tensor]) -> tuple[str, int, int]:
-                head, raws = sio.plan_safetensors(ts, metadata)
+            def write(head: bytes, raws: list[torch.Tensor]) -> tuple[str, int, int]:
                 return sio.write_planned(path, head, raws), path.stat().st_size, 1
 
             if pending.hot is not None:  # written from the in-memory copy, fetched to the host by the writer
                 copy = pending.hot
-                return lambda: write(copy.host_tensors())
+                return lambda: write(*sio.plan_safetensors(copy.host_tensors(), metadata))
             # Planning (header, byte views) here leaves the writer thread a few large GIL-free calls.
             head, raws = sio.plan_safetensors(tensors, metadata)
-            return lambda: (sio.write_planned(path, head, raws), path.stat().st_size, 1)
+            return lambda: write(head, raws)
         if save_fn is None:
             raise SnapshotError("begin: pass tensors=, capture= or save_fn=")
         path = self.shard_path(sid, ".ckpt")

@@ -365,7 +365,8 @@ def _print(r: dict[str, Any]) -> None:
               + (f" (FSDP2 over {ranks} ranks: its shards)" if ranks else ""))
     for tier, x in r["rollback"].items():
         print(f"rollback from the {tier} tier: {x['rollback_ms']:.2f} ms = {x['in_steps']:.2f} steps"
-              + (f" (in the step call {x['detected_after']} steps after the fault)" if x["detected_after"] > 1 else ""))
+              + (f" (in the next step's call: {x['detected_after']} guarded steps after the fault, its own included)"
+                 if x["detected_after"] > 1 else ""))
     if r.get("persist_ms"):
         print(f"disk snapshot write (persist): {r['persist_ms']['median']:.2f} ms (median of {r['persist_ms']['n']})")
     if "host_syncs_per_step" in r:
