@@ -23,14 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gradience  # noqa: E402
 from gradience.integrations.deepspeed import guard  # noqa: E402
-from tests.loops import gpt2_loss, make_gpt2  # noqa: E402
+from tests.loops import events, gpt2_loss, make_gpt2, newest_snapshot_dir  # noqa: E402
 
 STEPS, NAN_GRAD_AT, HUGE_GRAD_AT, NAN_WEIGHT_AFTER, LR = 16, 3, 5, 8, 1e-3
 
-
-def events(out: Path, rank: int, kind: str) -> list[dict]:
-    name = "telemetry.jsonl" if rank == 0 else f"telemetry_rank{rank}.jsonl"
-    return [e for e in map(json.loads, (out / name).read_text().splitlines()) if e["event"] == kind]
 
 
 def run_stage(stage: int, dtype: str, out: Path, rank: int) -> dict:
@@ -67,7 +63,7 @@ def run_stage(stage: int, dtype: str, out: Path, rank: int) -> dict:
         if step == NAN_WEIGHT_AFTER and engine.global_rank == 1:
             with torch.no_grad():
                 backend._masters()[0].view(-1)[1] = float("nan")
-        rolled = [e for e in events(out, rank, "rollback_success") if e["step"] == step]
+        rolled = [e for e in events(out, "rollback_success", rank) if e["step"] == step]
         if rolled and "rollback_equal" not in res:
             sid = rolled[0]["to_snapshot"]
             saved = g.controller.store.prepare(sid).tensors
@@ -77,13 +73,10 @@ def run_stage(stage: int, dtype: str, out: Path, rank: int) -> dict:
             res["rollback_compared"] = len(now)
         res["losses"].append(float(loss.detach().float()))
         res["lrs"].append([engine.get_lr()[0], scheduler.get_last_lr()[0]])
-    committed = [e for kind in ("snapshot", "snapshot_persisted") for e in events(out, rank, kind)
-                 if e.get("path") and e.get("committed", True)]
-    committed.sort(key=lambda e: e["snapshot_id"])
-    shard = Path(committed[-1]["path"]) / f"rank_{engine.global_rank:05d}.safetensors"
+    shard = newest_snapshot_dir(out, rank) / f"rank_{engine.global_rank:05d}.safetensors"
     res["snapshot_bytes"] = shard.stat().st_size
-    res["skips"] = [(e["step"], e["reason"], e["faulty_global_ranks"]) for e in events(out, rank, "skip_step")]
-    res["rollbacks"] = [(e["step"], e["to_snapshot"], e["lr_scale"]) for e in events(out, rank, "rollback_success")]
+    res["skips"] = [(e["step"], e["reason"], e["faulty_global_ranks"]) for e in events(out, "skip_step", rank)]
+    res["rollbacks"] = [(e["step"], e["to_snapshot"], e["lr_scale"]) for e in events(out, "rollback_success", rank)]
     res["summary"] = g.finalize()["guard"]
     res["final_loss"] = res["losses"][-1]
     return res

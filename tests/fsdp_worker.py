@@ -23,14 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gradience  # noqa: E402
 from gradience import ConfigError, GradienceController  # noqa: E402
-from tests.loops import gpt2_loss, make_gpt2  # noqa: E402
+from tests.loops import events, gpt2_loss, make_gpt2, newest_snapshot_dir  # noqa: E402
 
 STEPS, NAN_GRAD_AT, NAN_WEIGHT_AFTER = 16, 3, 8
 
-
-def events(out: Path, rank: int, kind: str) -> list[dict]:
-    name = "telemetry.jsonl" if rank == 0 else f"telemetry_rank{rank}.jsonl"
-    return [e for e in map(json.loads, (out / name).read_text().splitlines()) if e["event"] == kind]
 
 
 def shard(model: torch.nn.Module, mesh_shape: tuple[int, ...], blocks: str = "h") -> torch.nn.Module:
@@ -46,10 +42,7 @@ def shard(model: torch.nn.Module, mesh_shape: tuple[int, ...], blocks: str = "h"
 
 
 def newest_shard_bytes(out: Path, rank: int) -> int:
-    committed = [e for kind in ("snapshot", "snapshot_persisted") for e in events(out, rank, kind)
-                 if e.get("path") and e.get("committed", True)]
-    committed.sort(key=lambda e: e["snapshot_id"])
-    return (Path(committed[-1]["path"]) / f"rank_{rank:05d}.safetensors").stat().st_size
+    return (newest_snapshot_dir(out, rank) / f"rank_{rank:05d}.safetensors").stat().st_size
 
 
 def run_fsdp(out: Path, rank: int, world: int, mesh_shape: tuple[int, ...]) -> dict:
@@ -82,7 +75,7 @@ def run_fsdp(out: Path, rank: int, world: int, mesh_shape: tuple[int, ...]) -> d
         if step == NAN_WEIGHT_AFTER and rank == world - 1:
             with torch.no_grad():
                 backend.check_tensors()[0][2].view(-1)[0] = float("nan")
-        rolled = [e for e in events(out, rank, "rollback_success") if e["step"] == step]
+        rolled = [e for e in events(out, "rollback_success", rank) if e["step"] == step]
         if rolled and "rollback_equal" not in res:
             saved = ctl.store.prepare(rolled[0]["to_snapshot"]).tensors
             now, _ = backend.capture(copy=True)
@@ -93,9 +86,9 @@ def run_fsdp(out: Path, rank: int, world: int, mesh_shape: tuple[int, ...]) -> d
         res["lrs"].append([opt.param_groups[0]["lr"], sched.get_last_lr()[0], ctl.lr_scale])
     res["snapshot_bytes"] = newest_shard_bytes(out, rank)
     res["local_numel"] = sum(t.numel() for t in backend.check_tensors()[0])
-    res["skips"] = [(e["step"], e["reason"], e["faulty_global_ranks"]) for e in events(out, rank, "skip_step")]
-    res["rollbacks"] = [(e["step"], e["to_snapshot"], e["lr_scale"]) for e in events(out, rank, "rollback_success")]
-    res["spectral"] = [(e["step"], e["kappa"], e["stable_rank"], e["definition"]) for e in events(out, rank, "spectral")]
+    res["skips"] = [(e["step"], e["reason"], e["faulty_global_ranks"]) for e in events(out, "skip_step", rank)]
+    res["rollbacks"] = [(e["step"], e["to_snapshot"], e["lr_scale"]) for e in events(out, "rollback_success", rank)]
+    res["spectral"] = [(e["step"], e["kappa"], e["stable_rank"], e["definition"]) for e in events(out, "spectral", rank)]
     res["summary"] = ctl.finalize()["guard"]
     res["kappa_sharded"], res["kappa_full"] = sharded_vs_full(model, make_gpt2, mesh_shape)
     # Llama-style separate q_proj / k_proj Linear weights (row shards) with grouped-query attention.

@@ -155,3 +155,20 @@ def events(out_dir, name: str | None = None, rank: int = 0) -> list[dict]:
     lines = (Path(out_dir) / telemetry_filename(rank)).read_text().splitlines()
     evs = [json.loads(x) for x in lines]
     return [e for e in evs if name is None or e["event"] == name]
+
+
+def newest_snapshot_dir(out_dir, rank: int = 0):
+    """The directory of the newest snapshot committed on disk, by the telemetry of ``rank``: committed at its
+    step, or written in the background and marked later."""
+    from pathlib import Path
+
+    done = [e for kind in ("snapshot", "snapshot_persisted") for e in events(out_dir, kind, rank)
+            if e.get("path") and e.get("committed", True)]
+    return Path(max(done, key=lambda e: e["snapshot_id"])["path"])
+
+
+def wait_persisted(ctl) -> None:
+    """Let this rank's background shard write finish (the next step then writes the marker)."""
+    pending = ctl.store._persisting
+    if pending is not None and pending.thread is not None:
+        pending.thread.join(30)

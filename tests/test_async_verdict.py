@@ -11,7 +11,7 @@ import torch
 from gradience import GradienceController
 from gradience.comm import TorchComm
 from gradience.errors import ConfigError
-from tests.loops import bitwise_same, events, make_mlp, mlp_loss, poison, run_loop, state_copy
+from tests.loops import bitwise_same, events, make_mlp, mlp_loss, poison, run_loop, state_copy, wait_persisted
 from tests.threaded import free_groups, make_groups, run_ranks
 
 FUSED = {
@@ -20,7 +20,6 @@ FUSED = {
     "SGD-momentum": lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, fused=True),
     "Adagrad": lambda p: torch.optim.Adagrad(p, lr=1e-2, fused=True),
 }
-
 
 
 @pytest.mark.parametrize("name", list(FUSED))
@@ -184,8 +183,7 @@ def test_two_ranks_skip_together_with_device_all_reduces_only(tmp_path, groups2)
             if step == 6:
                 assert bitwise_same(before_nan, state_copy(model, opt)), f"rank {rank} applied the poisoned step"
             ctl.step(step, loss, model)
-            if ctl.store._persisting is not None:  # the snapshot of step 0: marked in a step before the count
-                ctl.store._persisting.thread.join(30)
+            wait_persisted(ctl)  # the snapshot of step 0: marked in a step before the count
         steady = list(calls[rank])
         ctl.finalize()
         return steady

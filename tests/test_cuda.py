@@ -26,7 +26,6 @@ def _loss(model: torch.nn.Module, step: int) -> torch.Tensor:
     return model(x).pow(2).mean()
 
 
-
 def test_async_verdict_has_no_host_sync_in_the_steady_state(tmp_path):
     model = _model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
@@ -67,7 +66,7 @@ def test_gate_on_the_device_and_a_weight_fault_rolled_back_from_device_memory(tm
         loss.backward()
         if step == 7:
             model[2].bias.grad[0] = float("nan")
-        before = state_copy(model, opt)
+        before = state_copy(model, opt) if step == 7 else None
         ctl.before_optimizer_step(model, opt, loss=loss)
         opt.step()
         if step == 7:

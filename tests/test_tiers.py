@@ -17,19 +17,21 @@ from gradience.comm import TorchComm
 from gradience.errors import ConfigError
 from gradience.hot import HotTier
 from gradience.snapshot import SnapshotStore
-from tests.loops import bitwise_same, events, gpt2_loss, make_gpt2, make_mlp, mlp_loss, poison, state_copy
+from tests.loops import (
+    bitwise_same,
+    events,
+    gpt2_loss,
+    make_gpt2,
+    make_mlp,
+    mlp_loss,
+    poison,
+    state_copy,
+    wait_persisted,
+)
 from tests.threaded import free_groups, make_groups, run_ranks
 
 MODELS = {"mlp": (make_mlp, mlp_loss, "2.weight"),
           "gpt2": (make_gpt2, gpt2_loss, "transformer.h.0.attn.c_attn.weight")}  # tied embeddings
-
-
-
-def _wait_persisted(ctl: GradienceController) -> None:
-    """Let this rank's background write finish (the next step then writes the marker)."""
-    pending = ctl.store._persisting
-    if pending is not None and pending.thread is not None:
-        pending.thread.join(30)
 
 
 def _guarded_mlp(out, **config) -> tuple[torch.nn.Module, torch.optim.Optimizer, GradienceController]:
@@ -88,7 +90,7 @@ def _train(tmp_path, model_name: str, hot: str, *, corrupt_10: bool = False, opt
         assert ctl.step(step, loss, model)
         if ctl.state.total_rollbacks > rollbacks:
             restored = state_copy(model, opt)
-        _wait_persisted(ctl)  # a snapshot's marker is then written at the next step, whatever the disk's speed
+        wait_persisted(ctl)  # a snapshot's marker is then written at the next step, whatever the disk's speed
     ctl.finalize()
     return events(out, "rollback_success"), at_10, restored
 
@@ -154,7 +156,7 @@ def test_a_slow_persist_never_blocks_training_and_its_snapshot_is_a_target_meanw
         assert _one_step(ctl, model, opt, step, on_update=after_update(step))
         assert time.perf_counter() - t0 < 10, f"step {step} waited for the held write"
         if step < 5:
-            _wait_persisted(ctl)
+            wait_persisted(ctl)
         else:
             # Committed from memory at its step; on disk nothing is marked while its write is held.
             assert held.started.wait(10) and ctl.store.persisting_id == sid_5
@@ -162,7 +164,7 @@ def test_a_slow_persist_never_blocks_training_and_its_snapshot_is_a_target_meanw
     rb = events(tmp_path, "rollback_success")
     assert [(e["step"], e["to_step"], e["restored_from"]) for e in rb] == [(7, 5, "memory")]
     held.release.set()
-    _wait_persisted(ctl)
+    wait_persisted(ctl)
     _one_step(ctl, model, opt, 9)  # the first step after every write finished writes the marker
     assert (ctl.store.snapshot_dir(sid_5) / sio.MARKER).exists() and ctl.store.persisting_id is None
     assert [e["step"] for e in events(tmp_path, "snapshot_persisted")][-1] == 5
@@ -182,7 +184,7 @@ def test_a_failing_background_persist_never_commits_on_disk_and_training_goes_on
             _HeldWrites(monkeypatch, error=OSError(28, "No space left on device"))
         # At step 7, snapshot 5 never reached the disk: its copy in memory serves the rollback.
         assert _one_step(ctl, model, opt, step, on_update=poison("0.weight") if step == 7 else None)
-        _wait_persisted(ctl)
+        wait_persisted(ctl)
     failed = events(tmp_path, "snapshot_persist_failed")
     assert [e["step"] for e in failed] == [5]
     assert "No space left" in failed[0]["local_error"]
@@ -230,16 +232,12 @@ def test_two_ranks_write_the_marker_together_once_the_slower_rank_finished(tmp_p
         ctl = GradienceController(out_dir=str(tmp_path), comm=TorchComm(group, timeout_s=30),
                                   guard_snapshot_interval=5, spectral_enabled=False)
         ctl.initialize(model, optimizer=opt)
+        def release_at_8(_model: torch.nn.Module) -> None:
+            release.set()
+            wait_persisted(ctl)
+
         for step in range(12):
-            opt.zero_grad(set_to_none=True)
-            loss = mlp_loss(model, step)
-            loss.backward()
-            ctl.before_optimizer_step(model, opt)
-            opt.step()
-            if step == 8 and rank == 1:
-                release.set()
-                _wait_persisted(ctl)
-            ctl.step(step, loss, model)
+            _one_step(ctl, model, opt, step, on_update=release_at_8 if step == 8 and rank == 1 else None)
             if ctl.store.persisting_id is None and not marked_at[rank] and step >= 5:
                 marked_at[rank].append(step)
         ctl.finalize()
@@ -274,13 +272,13 @@ def test_a_crash_while_the_newest_snapshot_is_in_memory_only_resumes_from_disk(t
             held = _HeldWrites(monkeypatch)
         _one_step(ctl, model, opt, step)
         if step < 5:
-            _wait_persisted(ctl)
+            wait_persisted(ctl)
         else:
             assert [i.step for i in ctl.store.committed_on_disk()] == [0], step
     ctl.close()  # the process dies here: no finalize, the write of step 5 never finished
     again = GradienceController(out_dir=str(tmp_path), guard_snapshot_interval=5, spectral_enabled=False)
-    again.initialize(make_mlp(1), optimizer=torch.optim.AdamW(make_mlp(1).parameters(), lr=1e-2),
-                     resume="latest")
+    fresh = make_mlp(1)
+    again.initialize(fresh, optimizer=torch.optim.AdamW(fresh.parameters(), lr=1e-2), resume="latest")
     assert again.resumed_step == 0
     again.finalize()
     held.release.set()
@@ -300,9 +298,10 @@ def test_a_rollback_decided_at_the_gate_does_not_wait_for_a_held_write(tmp_path,
         _one_step(ctl, model, opt, step, on_grads=nan_grad if step >= 6 else None)
         assert time.perf_counter() - t0 < 10, f"step {step} waited for the held write"
         if step < 5:
-            _wait_persisted(ctl)
+            wait_persisted(ctl)
     assert [(e["step"], e["to_step"], e["restored_from"]) for e in events(tmp_path, "rollback_success")][0] == \
         (8, 5, "memory")
+    assert held.started.is_set()  # the write was really held while the gate rolled back
     held.release.set()
     ctl.finalize()
 
@@ -324,13 +323,21 @@ def test_the_in_place_restore_equals_the_load_state_dict_restore(tmp_path, model
     train(3)
     saved, meta = st.capture_state(model, opt, copy=True)
     at_save = state_copy(model, opt)
-    results = []
+    results, took = [], []
+    real = st._restore_in_place
+
+    def spy(*a) -> bool:
+        took.append(real(*a))
+        return took[-1]
+
+    monkeypatch.setattr(st, "_restore_in_place", spy)
     for in_place in (True, False):
         train(2)
         if not in_place:
             monkeypatch.setattr(st, "_restore_in_place", lambda *a: False)
         st.restore_state(saved, meta, model, opt)
         results.append(state_copy(model, opt))
+    assert took == [True]  # the first restore really took the in-place path
     assert bitwise_same(results[0], at_save) and bitwise_same(results[1], at_save)
     if model_name == "gpt2":  # the tie survives both paths
         assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
