@@ -33,10 +33,12 @@ import torch
 
 from gradience import policy
 from gradience.comm import KINDS
+from gradience.consensus import alone
 from gradience.errors import CollectiveMismatch, ConsensusTimeout
 from gradience.norms import TotalNorm
 from gradience.probe import bad_named, loss_reads
-from gradience.types import Action, Phase, Reason, Verdict
+from gradience.state import take
+from gradience.types import Action, Phase, ProbeReport, Reason, Verdict
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +84,14 @@ class _Channel:
         if self.several:
             self._head = torch.tensor([kind, -kind, 0.0, -0.0], dtype=torch.float64, device=device)
             self._tick = torch.tensor([0.0, 0.0, 1.0, -1.0], dtype=torch.float64, device=device)
-        self.staged: tuple[Any, torch.Tensor, int] | None = None  # (event, host vector, step)
+        #: (event, host vector, step, what goes with it: the gate's per-tensor norms or None)
+        self.staged: tuple[Any, torch.Tensor, int, torch.Tensor | None] | None = None
 
-    def send(self, values: list[torch.Tensor], bad: Any, step: int) -> torch.Tensor:
+    def send(self, values: list[torch.Tensor], bad: Any, step: int, parts: torch.Tensor | None = None
+             ) -> torch.Tensor:
         """Pack ``values`` (0-d float64 tensors; ``bad()``: this rank's fault flag, asked for with several
-        ranks only), all-reduce them with several ranks, stage the host copy; returns the (reduced) vector."""
+        ranks only), all-reduce them with several ranks, stage the host copy (with ``parts``); returns the
+        (reduced) vector."""
         vec = torch.stack(values)
         if self.several:
             self._head.add_(self._tick)
@@ -95,22 +100,21 @@ class _Channel:
             vec = torch.cat([self._head, vec, slots])
             self.comm.all_reduce_device_max(vec)
         if self.device.type == "cuda":
-            host = torch.empty(vec.numel(), dtype=torch.float64, pin_memory=True)
-            host.copy_(vec, non_blocking=True)
+            host = take(vec, False, "pinned")
             event = torch.cuda.Event()
             event.record()
         else:
             host, event = vec, None
-        self.staged = (event, host, step)
+        self.staged = (event, host, step, parts)
         return vec
 
-    def take(self, staged: tuple[Any, torch.Tensor, int] | None,
+    def take(self, staged: tuple[Any, torch.Tensor, int, Any] | None,
              timeout_s: float) -> tuple[list[float], tuple[int, ...] | None, int] | None:
         """A staged vector's (values, the ranks that flagged a fault or None with one rank, step), waiting within
         the deadline only if the device is behind."""
         if staged is None:
             return None
-        event, host, step = staged
+        event, host, step, _ = staged
         if event is not None:
             deadline = time.monotonic() + timeout_s
             pause = 1e-5
@@ -139,9 +143,8 @@ class Deferred:
         self._grads, self._weights, self._buffers = TotalNorm(), TotalNorm(), TotalNorm()
         self._g = _Channel(_GRADS, comm, self.device)
         self._w = _Channel(_STEP, comm, self.device)
-        self._read: tuple[Any, torch.Tensor, int] | None = None  # the previous gate's, read in this step
-        # Per-tensor gradient norms of the staged gate and of the one read in this step (names for a skip).
-        self._parts: torch.Tensor | None = None
+        self._read: tuple[Any, torch.Tensor, int, Any] | None = None  # the previous gate's, read in this step
+        # Per-tensor gradient norms of the gate read in this step (names for a skip).
         self._read_parts: torch.Tensor | None = None
         self._gated = False
         self._zero = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -153,16 +156,11 @@ class Deferred:
     def gate(self, grads: list[torch.Tensor], loss: torch.Tensor | float | None, step: int) -> None:
         """Flags of this step's gradients, agreed on the device; sets ``found_inf``."""
         self._read, self._g.staged = self._g.staged, None  # the previous step's, for read()
-        self._read_parts = self._parts
         raw = self._grads(grads, self.device)
-        # Aligned with the optimizer's parameters only when every one of them has a gradient.
-        parts = self._grads.per_tensor
-        self._parts = parts if parts is not None and len(grads) == sum(
-            len(g["params"]) for g in self.optimizer.param_groups) else None
         norm = _enc(raw)  # NaN -> inf: "not <= threshold" either way
         z = self._zero  # both vectors have one length: ranks in different calls then fail the frame check
         vec = self._g.send([norm, raw.isnan().double(), self._loss(loss)[0], z, z, z],
-                           lambda: (norm > self.threshold).double(), step)
+                           lambda: (norm > self.threshold).double(), step, self._grads.per_tensor)
         self.optimizer.found_inf = (vec[self._g.off] > self.threshold).float()
         self._gated = True
 
@@ -187,17 +185,17 @@ class Deferred:
     def forget(self) -> None:
         """Drop the verdicts in flight (after a rollback they describe a state that is gone)."""
         self._read = self._g.staged = self._w.staged = None
-        self._parts = self._read_parts = None
+        self._read_parts = None
 
     def bad_grads(self, model: torch.nn.Module | None, threshold: float) -> dict[str, Any] | None:
         """The parameters whose gradients made the verdict just read a fault, by their per-tensor L2 norm (NaN,
         inf or above ``threshold``), read back now (a fault may sync); None when the gate's norm pass kept no
-        per-tensor values (a flat copy on a CPU, mixed dtypes, parameters without gradients)."""
+        per-tensor values (a flat copy on a CPU, mixed dtypes) or they are not one per parameter."""
         if self._read_parts is None or model is None:
             return None
         norms = self._read_parts.unbind()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if len(norms) != len(params):  # the groups changed since the gate
+        if len(norms) != len(params):  # parameters without gradients, or the groups changed since the gate
             return None
         names = {id(p): n for n, p in model.named_parameters()}
         # A tensor's L2 norm judged as a 0-d tensor: the probe's rule (NaN, inf or above the threshold) and listing.
@@ -209,26 +207,31 @@ class Deferred:
         there was none; both labelled with the step they describe."""
         self._gated = False
         staged, self._read = self._read, None
-        ws, t = self.comm.world_size, self.threshold
+        self._read_parts = staged[3] if staged is not None else None
+        t = self.threshold
         grads = weights = None
         taken = self._g.take(staged, timeout_s)
         if taken is not None:
             (norm, nan, loss, *_), ranks, at = taken
-            bad = not norm <= t
-            grads = Verdict(phase=Phase.GRADS, step=at, world_size=ws, nonfinite_grads=norm == math.inf,
-                            violation_grads=math.isfinite(norm) and norm > t, grad_norm=math.nan if nan else norm,
-                            loss=loss if loss != -math.inf else None,
-                            faulty_ranks=ranks if ranks is not None else ((0,) if bad else ()))
+            grads = self._verdict(ranks, phase=Phase.GRADS, step=at, nonfinite_grads=norm == math.inf,
+                                  violation_grads=math.isfinite(norm) and norm > t,
+                                  grad_norm=math.nan if nan else norm, loss=loss)
         taken, self._w.staged = self._w.take(self._w.staged, timeout_s), None
         if taken is not None:
             (norm, nan, b_nan, loss, big, busy), ranks, at = taken
-            bad = not norm <= t or b_nan > 0 or not big <= t
-            weights = Verdict(phase=Phase.STEP, step=at, world_size=ws, nonfinite_weights=norm == math.inf,
-                              violation_weights=math.isfinite(norm) and norm > t, nonfinite_buffers=b_nan > 0,
-                              nonfinite_loss=big == math.inf, violation_loss=math.isfinite(big) and big > t,
-                              weight_norm=math.nan if nan else norm, loss=loss if loss != -math.inf else None,
-                              persist_busy=busy > 0, faulty_ranks=ranks if ranks is not None else ((0,) if bad else ()))
+            weights = self._verdict(ranks, phase=Phase.STEP, step=at, nonfinite_weights=norm == math.inf,
+                                    violation_weights=math.isfinite(norm) and norm > t, nonfinite_buffers=b_nan > 0,
+                                    nonfinite_loss=big == math.inf, violation_loss=math.isfinite(big) and big > t,
+                                    weight_norm=math.nan if nan else norm, loss=loss, persist_busy=busy > 0)
         return grads, weights
+
+    def _verdict(self, ranks: tuple[int, ...] | None, **report: Any) -> Verdict:
+        """The agreed Verdict of a vector's host values: a group of one's (:func:`alone`: this rank is faulty when
+        a flag is set; a loss of -inf is none), or with several ranks the ranks that flagged a fault."""
+        verdict = alone(ProbeReport(**report))
+        if ranks is None:
+            return verdict
+        return dataclasses.replace(verdict, world_size=self.comm.world_size, faulty_ranks=ranks)
 
     def release(self) -> None:
         """Stop steering the optimizer (after its update, and for good at the end)."""

@@ -49,9 +49,9 @@ class Effects:
     def _act(self, step: int, verdict: Verdict, decision: Decision, *, verified: bool = True) -> None:
         rec = self.recovery
         if rec is not None and self.store.persisting_id is not None and (
-                decision.action in (Action.SNAPSHOT, Action.HALT)
-                or (verdict.phase is Phase.STEP and not verdict.persist_busy)):
-            # Every rank sees the same verdict: the marker is written together, once no rank is still writing.
+                decision.action is Action.HALT or (verdict.phase is Phase.STEP and not verdict.persist_busy)):
+            # Every rank sees the same verdict: the marker is written together, once no rank is still writing
+            # (a new snapshot persists the one before in _snapshot).
             self._collective(step, rec.persist, step)
         if rec is not None and rec.pending is not None:
             # Every rank sees the same decisions and ticks, so they finish or drop it at the same point.

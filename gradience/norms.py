@@ -202,9 +202,3 @@ def _foreach_norms(group: list[torch.Tensor], dtype: torch.dtype) -> torch.Tenso
 def _foreach_square(group: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     norms = _foreach_norms(group, dtype)
     return torch.dot(norms, norms)
-
-
-def total_norm(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
-    """The total L2 norm of ``tensors`` (0-d float64; NaN if an element is NaN; inf if one is inf or the norm
-    overflowed), with no plan kept."""
-    return TotalNorm()(tensors)

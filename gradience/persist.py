@@ -36,9 +36,7 @@ class Persisting:
             self._discard(sid)
             return False
         self.last_error = None
-        self._records[sid] = {"format": FORMAT_VERSION, "id": sid, "step": pending.step,
-                              "world_size": self.comm.world_size, "tier": self.tier, "extra": pending.extra,
-                              "shards": [], "persisted": False}
+        self._records[sid] = self._record(pending, []) | {"persisted": False}
         self._hot = {sid: pending.hot}  # the newest target only: older ones are on disk
         self._persisting = pending
         return True
@@ -64,12 +62,15 @@ class Persisting:
         sid = pending.sid
         shards = self._shards_of(pending)
         record = self._records.get(sid)
-        marker = None if shards is None or record is None else \
-            {k: v for k, v in record.items() if k != "persisted"} | {"shards": shards}
-        if not self._mark(sid, marker):
+        if not self._mark(sid, None if shards is None or record is None else self._record(pending, shards)):
             return False
         record.update(shards=shards, persisted=True)
         return True
+
+    def _record(self, pending: Any, shards: list[dict[str, Any]]) -> dict[str, Any]:
+        """The commit record of ``pending`` (the marker's content) with these shards."""
+        return {"format": FORMAT_VERSION, "id": pending.sid, "step": pending.step, "world_size": self.comm.world_size,
+                "tier": self.tier, "extra": pending.extra, "shards": shards}
 
     def _mark(self, sid: int, record: dict[str, Any] | None) -> bool:
         """*Collective.* Rank 0 writes the marker of ``record`` (disk tier) and every rank learns whether it
@@ -106,9 +107,6 @@ class Persisting:
 
     def abandon_persist(self) -> None:
         """*Local.* Wait for this rank's write of the persisting snapshot and remove it (never marked)."""
-        self._drop_persisting()
-
-    def _drop_persisting(self) -> None:
         pending, self._persisting = self._persisting, None
         if pending is not None:
             if pending.thread is not None:

@@ -18,7 +18,7 @@ from typing import TypedDict
 
 import torch
 
-from gradience.norms import TotalNorm, max_abs, per_tensor, total_norm
+from gradience.norms import TotalNorm, max_abs, per_tensor
 from gradience.norms import values as _values
 from gradience.types import Phase, ProbeReport
 
@@ -229,20 +229,9 @@ def fingerprint_tensor(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(sums).sum() % _FP_MOD
 
 
-def _offends(t: torch.Tensor | None, threshold: float, nan_only: bool) -> bool:
-    """Whether one tensor holds NaN (``nan_only``) or NaN/Inf/|x| > threshold; two host syncs at most."""
-    v = _values(t)
-    if v is None:
-        return False
-    norm = float(total_norm([v]))
-    if nan_only:
-        return math.isnan(norm)
-    return any(screen([v], norm, threshold))
-
-
 def _offending(tensors: Sequence[torch.Tensor | None], threshold: float, nan_only: bool) -> list[bool]:
-    """:func:`_offends` for many tensors at once: one max|x| per tensor, fused per (device, dtype), and one
-    host read per group (a rollback on a GPU must not pay a sync per tensor)."""
+    """Whether each tensor holds NaN (``nan_only``) or NaN/Inf/|x| > ``threshold``: one max|x| per tensor, fused
+    per (device, dtype), and one host read per group (a rollback on a GPU must not pay a sync per tensor)."""
     groups: dict[tuple[torch.device, torch.dtype], list[tuple[int, torch.Tensor]]] = {}
     out = [False] * len(tensors)
 
@@ -275,7 +264,7 @@ def _scan(named: Iterable[tuple[str, torch.Tensor | None]], kind: str, found: Ba
         flags = []
         for _, t in named:
             try:
-                flags.append(_offends(t, threshold, nan_only))
+                flags.append(_offending([t], threshold, nan_only)[0])
             except Exception:  # reported as such; diagnostics must not break the step
                 flags.append(None)
     for (name, _), bad in zip(named, flags, strict=True):
@@ -291,8 +280,8 @@ def _scan(named: Iterable[tuple[str, torch.Tensor | None]], kind: str, found: Ba
 
 
 def bad_tensors(model: torch.nn.Module, *, threshold: float, grads: bool = False, limit: int = 5) -> BadTensors:
-    """Name the tensors of ``model`` that a probe objects to (slow: one or two host syncs per tensor; faults
-    only). Never raises.
+    """Name the tensors of ``model`` that a probe objects to (a host read per dtype group; faults only). Never
+    raises.
 
     Parameters count when they hold NaN/Inf or |x| > ``threshold``, persistent buffers when they hold NaN;
     with ``grads=True`` the parameters' gradients are inspected instead (no buffers). Dtype rules are the

@@ -132,7 +132,7 @@ class SnapshotStore(Persisting):
         run lock first: this deletes whatever an earlier run left here.
         """
         self.abandon()
-        self._drop_persisting()
+        self.abandon_persist()
         self._records.clear()
         self._hot.clear()
         if self.tier == "disk" and self.comm.rank == 0:
@@ -269,9 +269,7 @@ class SnapshotStore(Persisting):
             return self._commit_hot(pending)
         sid = pending.sid
         shards = self._shards_of(pending)
-        record = None if shards is None else {
-            "format": FORMAT_VERSION, "id": sid, "step": pending.step, "world_size": self.comm.world_size,
-            "tier": self.tier, "extra": pending.extra, "shards": shards}
+        record = None if shards is None else self._record(pending, shards)
         if not self._mark(sid, record):
             return False
         self._records[sid] = record
@@ -335,7 +333,7 @@ class SnapshotStore(Persisting):
             keep.add(max(marked))
         doomed = sorted(set(self._records) - keep)
         if self._persisting is not None and self._persisting.sid in doomed:
-            self._drop_persisting()  # same ids on every rank: nobody waits for its marker
+            self.abandon_persist()  # same ids on every rank: nobody waits for its marker
         for sid in doomed:
             self._records.pop(sid, None)
             self._hot.pop(sid, None)

@@ -153,6 +153,15 @@ def _restore_in_place(tensors: dict[str, torch.Tensor], meta: dict[str, Any], mo
             return False
     if any(d.shape != s.shape or d.dtype != s.dtype or d.is_sparse for d, s in pairs):
         return False
+    copy_pairs(pairs)
+    for live, k, v in scalars:
+        live[k] = v
+    return True
+
+
+def copy_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Copy each saved tensor into its live one (same shapes and dtypes), in place: one fused copy per pair of
+    devices where torch has it, so a restore costs a few launches instead of one per tensor."""
     with torch.no_grad():
         by_device: dict[tuple[torch.device, torch.device], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for d, s in pairs:
@@ -165,9 +174,6 @@ def _restore_in_place(tensors: dict[str, torch.Tensor], meta: dict[str, Any], mo
             else:
                 for d, s in zip(dst, src, strict=True):
                     d.copy_(s)
-    for live, k, v in scalars:
-        live[k] = v
-    return True
 
 
 def _restore_dtypes(optimizer: torch.optim.Optimizer, saved: dict[int, dict[str, Any]]) -> None:

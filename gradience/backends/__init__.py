@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import torch
 
 from gradience.probe import BadTensors, parameters, persistent_buffers
-from gradience.state import capture_state, restore_state, take
+from gradience.state import capture_state, copy_pairs, restore_state, take
 
 __all__ = ["PlainBackend", "StateBackend", "capture_shard", "copy_into", "default_backend", "restore_live",
            "restore_optimizer_state", "saved_optimizer_states", "unique"]
@@ -142,10 +142,15 @@ def unique(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[dict[str, torch.T
 
 def copy_into(live: torch.Tensor, saved: torch.Tensor, name: str) -> None:
     """Restore ``saved`` into ``live`` in place, refusing a shape or dtype that does not match."""
+    check_match(live, saved, name)
+    live.copy_(saved)
+
+
+def check_match(live: torch.Tensor, saved: torch.Tensor, name: str) -> None:
+    """Refuse a saved tensor whose shape or dtype is not the live one's (before anything is copied)."""
     if tuple(live.shape) != tuple(saved.shape) or live.dtype != saved.dtype:
         raise ValueError(f"snapshot tensor {name}: {tuple(saved.shape)} {saved.dtype}, the rank holds "
                          f"{tuple(live.shape)} {live.dtype}")
-    live.copy_(saved)
 
 
 def capture_shard(named: Iterable[tuple[str, torch.Tensor]], optimizer_states: Iterable[tuple[str, dict]], *,
@@ -173,7 +178,8 @@ def restore_live(named: Iterable[tuple[str, torch.Tensor]], tensors: dict[str, t
     if missing:
         raise ValueError(f"snapshot lacks {missing[:5]} of {what}")
     for name, t in live.items():
-        copy_into(t, tensors[name], name)
+        check_match(t, tensors[name], name)  # all checked first: a mismatch leaves the live state untouched
+    copy_pairs([(t, tensors[name]) for name, t in live.items()])
 
 
 def saved_optimizer_states(tensors: dict[str, torch.Tensor], scalars: dict[str, dict[str, Any]]
