@@ -79,6 +79,7 @@ def test_total_norm_keeps_its_plan_across_steps_and_replans_when_the_tensors_cha
     assert float(norm([torch.arange(3)])) == 0.0
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 def test_a_sparse_gradient_whose_stored_values_change_size_is_replanned_not_resized():
     """A sparse tensor's size() is its dense size, so the plan's key holds while its stored values grow or shrink:
     the flat buffer must be planned again (torch deprecates resizing an ``out=`` tensor that has elements)."""
@@ -86,16 +87,23 @@ def test_a_sparse_gradient_whose_stored_values_change_size_is_replanned_not_resi
 
     from gradience.norms import TotalNorm
 
-    dense = [torch.randn(8, 4) for _ in range(5)]
-    norm = TotalNorm()
-    for nnz in (7, 3, 11):
+    def coo(nnz: int) -> torch.Tensor:
         rows = torch.randint(0, 50, (nnz,))
-        sparse = torch.sparse_coo_tensor(rows[None], torch.randn(nnz, 4), (50, 4), check_invariants=True)
-        tensors = [*dense, sparse]
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            got = float(norm(tensors))
-        assert got == pytest.approx(_exact_total([*dense, sparse.to_dense()]), rel=1e-5), nnz
+        return torch.sparse_coo_tensor(rows[None], torch.randn(nnz, 4), (50, 4), check_invariants=True)
+
+    def csr(nnz: int) -> torch.Tensor:  # a compressed layout: its values change length the same way
+        at = torch.randperm(50 * 4)[:nnz]
+        return torch.zeros(50 * 4).index_put_((at,), torch.randn(nnz)).reshape(50, 4).to_sparse_csr()
+
+    dense = [torch.randn(8, 4) for _ in range(5)]
+    for make in (coo, csr):
+        norm = TotalNorm()
+        for nnz in (7, 3, 11):
+            sparse = make(nnz)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                got = float(norm([*dense, sparse]))
+            assert got == pytest.approx(_exact_total([*dense, sparse.to_dense()]), rel=1e-5), (make.__name__, nnz)
 
 
 def test_the_total_norm_screen_catches_one_inf_among_many_tensors_with_the_flat_copy():
