@@ -31,14 +31,13 @@ from typing import Any
 
 import torch
 
-from gradience import policy
 from gradience.comm import KINDS
 from gradience.consensus import alone
 from gradience.errors import CollectiveMismatch, ConsensusTimeout
 from gradience.norms import TotalNorm
 from gradience.probe import bad_named, loss_reads
 from gradience.state import take
-from gradience.types import Action, Phase, ProbeReport, Reason, Verdict
+from gradience.types import Phase, ProbeReport, Verdict
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +134,11 @@ class _Channel:
 
 
 class Deferred:
-    """Device-side flags and their delayed read-back for one controller (see the module docstring)."""
+    """Device-side flags and their delayed read-back for one controller (see the module docstring).
+
+    Each step's vectors are staged under the step's tick: the gate's (``gate``), then the weights' (``note_step``);
+    :meth:`read` returns the previous step's pair as Verdicts tagged with their tick and step.
+    """
 
     def __init__(self, optimizer: torch.optim.Optimizer, comm: Any, threshold: float) -> None:
         self.optimizer, self.comm, self.threshold = optimizer, comm, threshold
@@ -143,26 +146,26 @@ class Deferred:
         self._grads, self._weights, self._buffers = TotalNorm(), TotalNorm(), TotalNorm()
         self._g = _Channel(_GRADS, comm, self.device)
         self._w = _Channel(_STEP, comm, self.device)
-        self._read: tuple[Any, torch.Tensor, int, Any] | None = None  # the previous gate's, read in this step
-        # Per-tensor gradient norms of the gate read in this step (names for a skip).
+        #: This step's staged vectors (tick, gate's, weights'), and the previous step's (read in this step).
+        self._cur: list[Any] | None = None
+        self._prev: list[Any] | None = None
+        # Per-tensor gradient norms of the gate just read (names for a skip).
         self._read_parts: torch.Tensor | None = None
-        self._gated = False
         self._zero = torch.zeros((), dtype=torch.float64, device=self.device)
         self._one = torch.ones((), dtype=torch.float64, device=self.device)
         self._none = torch.full((), -math.inf, dtype=torch.float64, device=self.device)
 
     # ---------------------------------------------------------------- per step
     @torch.no_grad()
-    def gate(self, grads: list[torch.Tensor], loss: torch.Tensor | float | None, step: int) -> None:
+    def gate(self, grads: list[torch.Tensor], loss: torch.Tensor | float | None, step: int, tick: int) -> None:
         """Flags of this step's gradients, agreed on the device; sets ``found_inf``."""
-        self._read, self._g.staged = self._g.staged, None  # the previous step's, for read()
         raw = self._grads(grads, self.device)
         norm = _enc(raw)  # NaN -> inf: "not <= threshold" either way
         z = self._zero  # both vectors have one length: ranks in different calls then fail the frame check
         vec = self._g.send([norm, raw.isnan().double(), self._loss(loss)[0], z, z, z],
                            lambda: (norm > self.threshold).double(), step, self._grads.per_tensor)
         self.optimizer.found_inf = (vec[self._g.off] > self.threshold).float()
-        self._gated = True
+        self._cur = [tick, self._g.staged, None]
 
     @torch.no_grad()
     def note_step(self, weights: list[torch.Tensor], buffers: list[torch.Tensor], loss: Any, step: int, *,
@@ -177,15 +180,21 @@ class Deferred:
         t = self.threshold
         self._w.send([norm, raw.isnan().double(), b_nan, mean, big, self._one if busy else self._zero],
                      lambda: ((norm > t) | (b_nan > 0) | (big > t)).double(), step)
+        if self._cur is not None:
+            self._cur[2] = self._w.staged
+        self._prev, self._cur = self._cur, None
 
-    def pending(self) -> bool:
-        """Whether this step's gate ran (``step()`` then reads the previous step's verdicts)."""
-        return self._gated
+    def gated(self) -> bool:
+        """Whether this step's gate ran on the device (``step()`` then reads the previous step's verdicts)."""
+        return self._cur is not None
+
+    def staged(self) -> bool:
+        """Whether verdicts are in flight that no step has read yet."""
+        return self._prev is not None
 
     def forget(self) -> None:
-        """Drop the verdicts in flight (after a rollback they describe a state that is gone)."""
-        self._read = self._g.staged = self._w.staged = None
-        self._read_parts = None
+        """Drop this step's vectors (after a rollback they describe a state that is gone)."""
+        self._cur = None
 
     def bad_grads(self, model: torch.nn.Module | None, threshold: float) -> dict[str, Any] | None:
         """The parameters whose gradients made the verdict just read a fault, by their per-tensor L2 norm (NaN,
@@ -203,32 +212,38 @@ class Deferred:
                          threshold=threshold)
 
     def read(self, timeout_s: float) -> tuple[Verdict | None, Verdict | None]:
-        """(the previous step's gradients' verdict, the previous step's weights' verdict), either None when
-        there was none; both labelled with the step they describe."""
-        self._gated = False
-        staged, self._read = self._read, None
-        self._read_parts = staged[3] if staged is not None else None
+        """(the gradients' verdict, the weights' verdict) of the previous step, either None when there was none,
+        both tagged with the tick and step they judge. The weights' verdict says whether the device skipped that
+        step's update (``update_skipped``)."""
+        prev, self._prev = self._prev, None
+        if prev is None:
+            return None, None
+        tick, g_staged, w_staged = prev
+        self._read_parts = g_staged[3] if g_staged is not None else None
         t = self.threshold
         grads = weights = None
-        taken = self._g.take(staged, timeout_s)
+        taken = self._g.take(g_staged, timeout_s)
         if taken is not None:
             (norm, nan, loss, *_), ranks, at = taken
-            grads = self._verdict(ranks, phase=Phase.GRADS, step=at, nonfinite_grads=norm == math.inf,
+            grads = self._verdict(ranks, tick, phase=Phase.GRADS, step=at, nonfinite_grads=norm == math.inf,
                                   violation_grads=math.isfinite(norm) and norm > t,
                                   grad_norm=math.nan if nan else norm, loss=loss)
-        taken, self._w.staged = self._w.take(self._w.staged, timeout_s), None
+        taken = self._w.take(w_staged, timeout_s)
         if taken is not None:
             (norm, nan, b_nan, loss, big, busy), ranks, at = taken
-            weights = self._verdict(ranks, phase=Phase.STEP, step=at, nonfinite_weights=norm == math.inf,
+            skipped = grads is not None and (grads.nonfinite_grads or grads.violation_grads)  # found_inf's rule
+            weights = self._verdict(ranks, tick, phase=Phase.STEP, step=at, nonfinite_weights=norm == math.inf,
                                     violation_weights=math.isfinite(norm) and norm > t, nonfinite_buffers=b_nan > 0,
                                     nonfinite_loss=big == math.inf, violation_loss=math.isfinite(big) and big > t,
-                                    weight_norm=math.nan if nan else norm, loss=loss, persist_busy=busy > 0)
+                                    weight_norm=math.nan if nan else norm, loss=loss, persist_busy=busy > 0,
+                                    update_skipped=skipped, late=True)
         return grads, weights
 
-    def _verdict(self, ranks: tuple[int, ...] | None, **report: Any) -> Verdict:
+    def _verdict(self, ranks: tuple[int, ...] | None, tick: int, **report: Any) -> Verdict:
         """The agreed Verdict of a vector's host values: a group of one's (:func:`alone`: this rank is faulty when
         a flag is set; a loss of -inf is none), or with several ranks the ranks that flagged a fault."""
-        verdict = alone(ProbeReport(**report))
+        late = report.pop("late", False)
+        verdict = dataclasses.replace(alone(ProbeReport(**report), tick), late=late)
         if ranks is None:
             return verdict
         return dataclasses.replace(verdict, world_size=self.comm.world_size, faulty_ranks=ranks)
@@ -242,72 +257,32 @@ class Deferred:
         return _loss_stats(loss, self.device, self._none, self._zero)
 
 
-class AsyncVerdict:
-    """The controller's side of the asynchronous verdict (a mixin of :class:`GradienceController`)."""
+def choose(config: Any, optimizer: Any, backend: Any, comm: Any, scaler: Any) -> Deferred | None:
+    """The asynchronous verdict's device side when this run can use it (once, at the first gate; every rank
+    alike), else None, saying why in the log when it was asked for."""
+    mode = config.guard_verdict
+    if mode == "sync" or optimizer is None or not config.guard_enabled:
+        return None
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if mode == "auto" and (not params or params[0].device.type == "cpu"):
+        return None
+    why = refusal(config, optimizer, backend, comm, scaler)
+    if why is not None:
+        log = logger.warning if mode == "async" else logger.info
+        log("Gradience: guard_verdict=%r: the verdict stays synchronous: %s", mode, why)
+        return None
+    deferred = Deferred(optimizer, comm, config.guard_violation_threshold)
+    logger.info("Gradience: asynchronous verdict: the gradient gate runs on %s (found_inf), weight faults are "
+                "acted on one step later", deferred.device)
+    return deferred
 
-    def _step_async(self, step: int, loss: torch.Tensor | float | None, tick: int) -> bool:
-        """``step`` under the asynchronous verdict: act on the previous step's gradients and weights (their
-        vectors are done by now), then leave this step's weights' check on the device for the next step."""
-        d = self._deferred
-        grads, weights = self._collective(step, d.read, self.config.collective_timeout_s)
-        d.release()
-        decision = None
-        rollbacks = self.state.total_rollbacks
-        if grads is not None:
-            self._prior = self.state
-            self.state, decision = policy.decide(self.state, grads, self.config)
-            if decision.reason is Reason.SPIKE and decision.action is Action.CONTINUE:
-                self.telemetry.emit("spike", step=grads.step, action="log", detail=decision.detail,
-                                    **self._blame(grads))
-            if decision.action is Action.SKIP_STEP:
-                # The device skipped it a step ago and its gradients are gone: names from the gate's per-tensor
-                # norms, when the norm pass kept them.
-                bad = d.bad_grads(self.model, self.config.guard_violation_threshold)
-                self.telemetry.emit("skip_step", step=grads.step, reason=decision.reason, **self._blame(grads),
-                                    grad_norm=grads.grad_norm, bad=bad, detail=decision.detail)
-            elif decision.action is not Action.CONTINUE:
-                self._act(step, grads, decision)  # a rollback or a halt: the weights' verdict is moot
-        if decision is None or decision.action in (Action.CONTINUE, Action.SKIP_STEP):
-            skipped = grads is not None and grads.fault_reason() is not None
-            # No agreed weights' verdict (the first step, or after a rollback): nobody knows whether a rank is
-            # still writing, so no marker is written in this step.
-            base = weights or Verdict(phase=Phase.STEP, step=step, world_size=self.comm.world_size,
-                                      persist_busy=True)
-            verdict = dataclasses.replace(base, tick=tick, update_skipped=skipped)
-            self.last_loss = verdict.loss if weights is not None else self.last_loss
-            if self._spectral is not None and policy.spectral_due(tick, self.config, self.state):
-                verdict = dataclasses.replace(verdict, **self._spectral.measure())
-            self._decide_step(step, verdict, verified=True)
-        if self.state.total_rollbacks != rollbacks:
-            d.forget()  # this step's gate and loss judged the state that was just replaced
-            loss = None
-        if not self.halted:
-            weights_now, buffers = self.backend.check_tensors()
-            d.note_step(weights_now, buffers, loss, step, busy=self.store is not None and self.store.persist_busy())
-        return not self.halted
 
-    def _choose_verdict(self, scaler: Any) -> None:
-        """Pick the synchronous or asynchronous verdict once, at the first gate (every rank alike)."""
-        self._verdict_chosen = True
-        mode = self.config.guard_verdict
-        if mode == "sync" or self.optimizer is None or not self.config.guard_enabled:
-            return
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if mode == "auto" and (not params or params[0].device.type == "cpu"):
-            return
-        if any(p.grad is not None and not self.optimizer.state.get(p) for p in params):
-            # A skipped first update would leave state the optimizer allocates uninitialised (fused SGD's
-            # momentum buffers come from empty_like): stay synchronous until every trained parameter has state.
-            self._verdict_chosen = False
-            return
-        why = refusal(self.config, self.optimizer, self.backend, self.comm, scaler)
-        if why is not None:
-            log = logger.warning if mode == "async" else logger.info
-            log("Gradience: guard_verdict=%r: the verdict stays synchronous: %s", mode, why)
-            return
-        self._deferred = Deferred(self.optimizer, self.comm, self.config.guard_violation_threshold)
-        logger.info("Gradience: asynchronous verdict: the gradient gate runs on %s (found_inf), weight faults are "
-                    "acted on one step later", self._deferred.device)
+def missing_state(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether a parameter about to be updated has no optimizer state yet (a new group, an unfrozen parameter,
+    the first step): a first update skipped on the device would leave the state the optimizer allocates
+    uninitialised (fused SGD's momentum buffers come from ``empty_like``), so that step must be synchronous."""
+    state = optimizer.state
+    return any(p.grad is not None and not state.get(p) for g in optimizer.param_groups for p in g["params"])
 
 
 def _enc(norm: torch.Tensor) -> torch.Tensor:

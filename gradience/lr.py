@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import numbers
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -99,15 +100,18 @@ class LRScale:
         """The factor applied to every step's LR (1.0: untouched)."""
         return self._scale
 
-    def set(self, scale: float) -> None:
+    def hold(self) -> None:
+        """What a restore must keep across a ``load_fn`` (nothing: the scale is applied inside the step)."""
+        return None
+
+    def set(self, scale: float, held: Any = None) -> None:
         """Make every later ``step()`` use ``scale x`` the LR its groups hold (absolute, not cumulative).
 
         A second backoff is ``set(lr_scale.scale * factor)``. ``scale`` must be finite and > 0. Call it
-        between steps (it first puts back values a raising step left scaled).
+        between steps (it first puts back values a raising step left scaled). ``held``: unused (see
+        :meth:`CallbackLR.set`).
         """
-        scale = float(scale)
-        if not (scale > 0.0 and scale != float("inf")):
-            raise ValueError(f"LR scale must be finite and > 0, got {scale}")
+        scale = _check_scale(scale)
         self._check_open()
         self._restore()
         self._scale = scale
@@ -182,6 +186,61 @@ class LRScale:
             raise RuntimeError("this LRScale is closed")
 
 
+class CallbackLR:
+    """The guard's LR scale through the loop's own ``get_lr()`` / ``set_lr(lr)`` (``initialize(get_lr=, set_lr=)``).
+
+    The loop owns its LR and its persistence across its scheduler; the guard only moves it by the ratio of the
+    new scale to the old one, each time the scale changes (a rollback's backoff, a DANGER reaction), so the
+    guard's scale has one home (the guard state) and one rule for both forms of LR access.
+    """
+
+    def __init__(self, get_lr: Callable[[], float], set_lr: Callable[[float], None]) -> None:
+        self._get, self._set = get_lr, set_lr
+        self._scale = 1.0
+
+    @property
+    def scale(self) -> float:
+        """The scale last applied to the loop's LR (1.0: untouched)."""
+        return self._scale
+
+    @property
+    def supported(self) -> bool:
+        """Always True: the loop's ``set_lr`` takes any LR."""
+        return True
+
+    def hold(self) -> float:
+        """The loop's LR now, before a ``load_fn`` may put back an older one."""
+        return float(self._get())
+
+    def set(self, scale: float, held: float | None = None) -> None:
+        """Move the loop's LR from the old scale to ``scale``: ``set_lr(lr x scale / old)``, with ``lr`` the LR
+        in force (``held``: the value read before a restore's ``load_fn`` ran)."""
+        scale = _check_scale(scale)
+        if scale == self._scale and held is None:
+            return
+        lr = float(self._get()) if held is None else held
+        self._set(lr * scale / self._scale)
+        self._scale = scale
+
+    def adopt(self, scale: float) -> None:
+        """Take ``scale`` as the one the loop's LR already carries (restored from the loop's own checkpoint)."""
+        self._scale = _check_scale(scale)
+
+    def effective_lrs(self) -> list[float | None]:
+        """The loop's LR (the scale is already in it)."""
+        return [float(self._get())]
+
+    def close(self) -> None:
+        """Nothing to undo: the loop owns its LR."""
+
+
+def _check_scale(scale: float) -> float:
+    scale = float(scale)
+    if not (scale > 0.0 and scale != float("inf")):
+        raise ValueError(f"LR scale must be finite and > 0, got {scale}")
+    return scale
+
+
 def current_lr(optimizer: Any) -> float | None:
     """The first param group's LR as the loop/scheduler set it (the guard's scale not applied; for the LR the
     update uses see :meth:`LRScale.effective_lrs`). ``None`` when that group has no numeric LR."""
@@ -189,4 +248,4 @@ def current_lr(optimizer: Any) -> float | None:
     return float(lr) if _is_numeric_lr(lr) else None
 
 
-__all__ = ["LRScale", "current_lr", "unwrap_optimizer", "unwrap_scheduler"]
+__all__ = ["CallbackLR", "LRScale", "current_lr", "unwrap_optimizer", "unwrap_scheduler"]

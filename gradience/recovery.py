@@ -20,7 +20,7 @@ from gradience.backends import StateBackend
 from gradience.comm import Comm
 from gradience.config import GradienceConfig
 from gradience.errors import ConfigError, SnapshotError
-from gradience.lr import LRScale
+from gradience.lr import CallbackLR, LRScale
 from gradience.probe import fingerprint_tensor, parameters
 from gradience.snapshot import SnapshotStore, agree_all
 from gradience.telemetry import Telemetry
@@ -34,9 +34,7 @@ class Target:
     optimizer: torch.optim.Optimizer | None = None
     save_fn: Callable[[str], None] | None = None
     load_fn: Callable[[str], None] | None = None
-    get_lr: Callable[[], float] | None = None
-    set_lr: Callable[[float], None] | None = None
-    lr: LRScale | None = None
+    lr: LRScale | CallbackLR | None = None
     scheduler: Any | None = None
 
 
@@ -48,7 +46,6 @@ class Recovery:
         self.store, self.comm, self.telemetry, self.config, self.target = store, comm, telemetry, config, target
         #: Snapshot id -> the loop's step label it was taken at (for reports).
         self.labels: dict[int, int] = {}
-        self.pending_due: int | None = None
 
     # ---- snapshots
     def begin(self, sid: int, label: int, meta: dict[str, Any], *, background: bool) -> None:
@@ -56,15 +53,14 @@ class Recovery:
         t = self.target
         meta = {**meta, "id": sid, "step": label, "rank": self.comm.rank, "world_size": self.comm.world_size,
                 "scheduler": _jsonable_state(t.scheduler)}
-        extra = {"guard_state": meta.get("guard_state")}
         self.labels[sid] = label
         if t.save_fn is not None:
-            self.store.begin(sid, step=label, meta=meta, extra=extra, save_fn=t.save_fn)
+            self.store.begin(sid, step=label, meta=meta, save_fn=t.save_fn)
         else:
             # A background write or a kept copy is read while training goes on: it must not alias live tensors.
             # (The memory tier refuses guard_snapshot_hot='off': its snapshots are kept copies.)
             copy = background or self.config.guard_snapshot_hot != "off"
-            self.store.begin(sid, step=label, meta=meta, extra=extra, background=background,
+            self.store.begin(sid, step=label, meta=meta, background=background,
                              capture=lambda where: t.backend.capture(copy=copy, where=where))
 
     @property
@@ -72,10 +68,11 @@ class Recovery:
         """Id of the snapshot begun and not yet committed or abandoned."""
         return self.store.pending_id
 
-    def commit(self, at_label: int | None) -> tuple[int, bool]:
-        """*Collective.* Commit the in-flight snapshot; returns (its id, committed?) and reports it."""
+    def commit(self, at_label: int | None, extra: dict[str, Any]) -> tuple[int, bool]:
+        """*Collective.* Commit the in-flight snapshot with ``extra`` in its marker (JSON, the same on every rank);
+        returns (its id, committed?) and reports it."""
         sid = self.store.pending_id
-        ok = self.store.finish()
+        ok = self.store.finish(extra=extra)
         error = self.store.last_error
         on_disk = ok and self.store.tier == "disk" and self.store.persisting_id != sid  # else: snapshot_persisted
         self.telemetry.emit("snapshot", step=self.labels.get(sid), snapshot_id=sid, committed=ok,
@@ -84,13 +81,11 @@ class Recovery:
                             path=str(self.store.snapshot_dir(sid)) if on_disk else None,
                             local_error=f"{type(error).__name__}: {error}" if error else
                             (None if ok else "another rank failed"))
-        self.pending_due = None
         return sid, ok
 
     def abandon(self, at_label: int | None) -> None:
         """*Local.* Drop the in-flight snapshot (a fault came before its commit)."""
         sid = self.store.abandon()
-        self.pending_due = None
         if sid is not None:
             self.telemetry.emit("snapshot", step=self.labels.get(sid), snapshot_id=sid, committed=False,
                                 committed_at=None, tier=self.config.guard_snapshot_tier, path=None,
@@ -134,7 +129,7 @@ class Recovery:
         t = self.target
         optimizer = t.optimizer
         lrs = [g.get("lr") for g in optimizer.param_groups] if optimizer is not None else None
-        user_lr = t.get_lr() if t.get_lr is not None else None
+        held = t.lr.hold() if t.lr is not None else None
         if t.load_fn is not None:
             t.load_fn(str(prepared.path))
         else:
@@ -143,10 +138,7 @@ class Recovery:
             for group, value in zip(optimizer.param_groups, lrs, strict=True):
                 group["lr"] = value
         if t.lr is not None:
-            t.lr.set(lr_scale)
-        elif t.set_lr is not None and user_lr is not None:
-            # The seed's API: the user's set_lr owns persistence across their scheduler.
-            t.set_lr(user_lr * self.config.guard_lr_backoff)
+            t.lr.set(lr_scale, held)
 
     def resume(self, prepared: Any) -> None:
         """*Local.* Put a verified shard back for a resumed run: model, optimizer and the scheduler's state

@@ -260,11 +260,14 @@ class SnapshotStore(Persisting):
         """Step label of the snapshot in flight (None when none is, or it has no label)."""
         return self._pending.step if self._pending is not None else None
 
-    def finish(self) -> bool:
-        """*Collective.* Wait for this rank's shard, then commit the in-flight snapshot if every rank succeeded."""
+    def finish(self, *, extra: dict[str, Any] | None = None) -> bool:
+        """*Collective.* Wait for this rank's shard, then commit the in-flight snapshot if every rank succeeded.
+        ``extra`` (JSON, the same on every rank) joins the marker's extra: what is known only at the commit."""
         pending, self._pending = self._pending, None
         if pending is None:
             raise SnapshotError("no snapshot in flight")
+        if extra:
+            pending.extra.update(extra)
         if pending.two_phase:
             return self._commit_hot(pending)
         sid = pending.sid

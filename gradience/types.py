@@ -33,6 +33,12 @@ class Reason(str, enum.Enum):
     NO_GOOD_SNAPSHOT = "NO_GOOD_SNAPSHOT"
     RESTORE_FAILED = "RESTORE_FAILED"
     SPIKE = "SPIKE"
+    #: A peer did not answer a guard collective within ``collective_timeout_s`` (died, stalled, left the loop).
+    CONSENSUS_TIMEOUT = "CONSENSUS_TIMEOUT"
+    #: Ranks made different guard calls (a different number of steps, or a different check).
+    COLLECTIVE_MISMATCH = "COLLECTIVE_MISMATCH"
+    #: The process was stopped by a signal (a launcher stops the survivors of a failed peer this way).
+    TERMINATED = "TERMINATED"
 
 
 class Phase(str, enum.Enum):
@@ -131,6 +137,8 @@ class Verdict:
     stable_rank: float | None = None
     #: The largest loss any rank reported for this check (None when no rank gave one).
     loss: float | None = None
+    #: Judged after the state moved on (the asynchronous verdict): nothing of the judged step can be captured.
+    late: bool = False
 
     def fault_reason(self) -> Reason | None:
         """The most specific reason this verdict calls for action, or None when healthy."""
@@ -166,12 +174,34 @@ class Decision:
 
     action: Action
     reason: Reason | None = None
-    #: Snapshot step to restore (ROLLBACK only).
-    target_step: int | None = None
+    #: Id of the snapshot to restore (ROLLBACK only).
+    target_sid: int | None = None
     #: LR scale in force after this decision (relative to the undisturbed schedule).
     lr_scale: float = 1.0
     #: Why, in words, when the numbers matter (a spike: the value and the bar it crossed).
     detail: str | None = None
+    #: Take a snapshot of the state as it is now (a SNAPSHOT of the step just judged, or the asynchronous
+    #: verdict's copy of a step that may become one once judged).
+    capture: bool = False
+    #: Commit this snapshot now: its own step and its commit lag were judged healthy.
+    commit_sid: int | None = None
+    #: Drop this snapshot now: a fault came before its commit, or its step was not a snapshot after all.
+    abandon_sid: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class PendingSnapshot:
+    """A snapshot begun and not yet committed or abandoned (one at a time)."""
+
+    sid: int
+    #: The guard's tick of the state it holds.
+    tick: int
+    #: Commit once the verdict of this tick was healthy (``tick`` + ``guard_snapshot_commit_lag``).
+    commit_tick: int
+    #: Its own step was judged a snapshot step (False: taken ahead of its verdict by the asynchronous path).
+    confirmed: bool
+    #: False when replica fingerprints are on and this state was not compared across ranks.
+    verified: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -184,12 +214,14 @@ class GuardState:
     episode_rollbacks: int = 0
     skipped_steps: int = 0
     consecutive_skips: int = 0
-    #: Committed snapshot steps, oldest first.
-    committed: tuple[int, ...] = ()
-    #: (snapshot step, number of rollbacks to it that were followed by another fault).
+    #: Ids of the committed snapshots, oldest first.
+    committed_sids: tuple[int, ...] = ()
+    #: (snapshot id, number of rollbacks to it that were followed by another fault).
     target_failures: tuple[tuple[int, int], ...] = ()
-    #: Snapshot restored by the current rollback episode, None outside an episode.
-    episode_target: int | None = None
+    #: Id of the snapshot restored by the current rollback episode, None outside an episode.
+    episode_sid: int | None = None
+    #: The snapshot begun and not yet committed or abandoned.
+    pending: PendingSnapshot | None = None
     halted: bool = False
     halt_reason: Reason | None = None
     first_fault_step: int | None = None
@@ -206,16 +238,27 @@ class GuardState:
     risk_backoff_done: bool = False
     #: Probe κ̃ every step up to this tick (a WARNING reaction), None when not bursting.
     burst_until: int | None = None
+    #: Updates a GradScaler skipped for overflow (by design, not faults).
+    scaler_skipped_steps: int = 0
+    #: Consecutive agreed probe errors of the gradient check and of the step check.
+    probe_error_streaks: tuple[int, int] = (0, 0)
+    #: Checks switched off after ``probe_error_limit`` errors in a row (Phase values).
+    disabled_checks: tuple[str, ...] = ()
+    #: The verdict path of the last step: "sync" (agreed on the host in the step) or "async" (on the device,
+    #: read one step later).
+    verdict_path: str = "sync"
 
-    def failures(self, step: int) -> int:
-        """How many rollbacks to snapshot ``step`` were followed by another fault."""
-        return dict(self.target_failures).get(step, 0)
+    def failures(self, sid: int) -> int:
+        """How many rollbacks to snapshot ``sid`` were followed by another fault."""
+        return dict(self.target_failures).get(sid, 0)
 
     def to_dict(self) -> dict:
         """JSON-ready form (enums as strings, tuples as lists)."""
         out = dataclasses.asdict(self)
         out["halt_reason"] = self.halt_reason.value if self.halt_reason else None
-        out["committed"] = list(self.committed)
+        out["committed_sids"] = list(self.committed_sids)
+        out["probe_error_streaks"] = list(self.probe_error_streaks)
+        out["disabled_checks"] = list(self.disabled_checks)
         out["target_failures"] = [list(p) for p in self.target_failures]
         out["first_fault_ranks"] = list(self.first_fault_ranks)
         out["kappa_history"] = [list(p) for p in self.kappa_history]
@@ -225,17 +268,21 @@ class GuardState:
 
     @classmethod
     def from_dict(cls, data: dict) -> GuardState:
-        """Inverse of :meth:`to_dict`; unknown keys are rejected."""
+        """Inverse of :meth:`to_dict`; unknown keys are rejected (the names of format 2 are read too)."""
+        d = {_RENAMED.get(k, k): v for k, v in data.items()}
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
+        unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown GuardState field(s): {sorted(unknown)}")
-        d = dict(data)
         if d.get("halt_reason") is not None:
             d["halt_reason"] = Reason(d["halt_reason"])
-        for key in ("committed", "first_fault_ranks"):
+        for key in ("committed_sids", "first_fault_ranks", "probe_error_streaks"):
             if key in d:
                 d[key] = tuple(int(x) for x in d[key])
+        if "disabled_checks" in d:
+            d["disabled_checks"] = tuple(str(x) for x in d["disabled_checks"])
+        if isinstance(d.get("pending"), dict):
+            d["pending"] = PendingSnapshot(**d["pending"])
         if "target_failures" in d:
             d["target_failures"] = tuple((int(s), int(n)) for s, n in d["target_failures"])
         if "kappa_history" in d:
@@ -247,3 +294,7 @@ class GuardState:
         return cls(**d)
 
 
+
+
+#: GuardState fields renamed since format 2 of the guard state (old name -> new name).
+_RENAMED = {"committed": "committed_sids", "episode_target": "episode_sid"}

@@ -212,3 +212,126 @@ def test_a_skipped_first_update_cannot_leave_uninitialised_optimizer_state(tmp_p
     bufs = [opt.state[p]["momentum_buffer"] for p in model.parameters()]
     assert all(torch.isfinite(b).all() and b.abs().max() < 10 for b in bufs)
     assert out["summary"]["guard"]["total_rollbacks"] == 0
+
+
+# ------------------------------------------------------------------------------------------------ one decision core
+def _fused_loop(ctl, model, opt, steps, *, gate=lambda s: True, on_grads=None, on_step=None):
+    ctl.initialize(model, optimizer=opt)
+    for step in range(steps):
+        if on_step:
+            on_step(step, model, opt)
+        opt.zero_grad(set_to_none=True)
+        loss = mlp_loss(model, step)
+        loss.backward()
+        if on_grads:
+            on_grads(step, model)
+        if gate(step):
+            ctl.before_optimizer_step(model, opt, loss=loss)
+        opt.step()
+        assert ctl.step(step, loss, model)
+    return ctl.finalize()
+
+
+@pytest.mark.parametrize("name", ["SGD-momentum", "AdamW"])
+def test_a_new_param_group_or_an_unfrozen_parameter_leaves_the_same_optimizer_state_as_the_sync_path(tmp_path, name):
+    """Parameters that get their first update mid-run (a group added, requires_grad flipped) have no optimizer
+    state: such a step runs synchronously, so a NaN in its gradients cannot leave uninitialised moments."""
+    results = {}
+    for mode in ("sync", "async"):
+        model = make_mlp()
+        model[2].weight.requires_grad_(False)
+        head = torch.nn.Linear(1, 1)
+        opt = FUSED[name]([p for p in model.parameters() if p.requires_grad])
+
+        def on_step(step, m, o, head=head):
+            if step == 5:
+                o.add_param_group({"params": list(head.parameters())})
+            if step == 8:
+                m[2].weight.requires_grad_(True)
+                o.add_param_group({"params": [m[2].weight]})
+
+        def on_grads(step, m, head=head):
+            if step >= 5:
+                head.weight.grad = torch.full_like(head.weight, float("nan") if step == 5 else 0.1)
+                head.bias.grad = torch.full_like(head.bias, 0.1)
+            if step == 8:
+                m[2].weight.grad[0, 0] = float("nan")
+
+        ctl = GradienceController(out_dir=str(tmp_path / mode), guard_verdict=mode, guard_snapshot_interval=4,
+                                  spectral_enabled=False)
+        summary = _fused_loop(ctl, model, opt, 14, on_grads=on_grads, on_step=on_step)
+        results[mode] = (state_copy(model, opt), summary["guard"], [e["step"] for e in events(tmp_path / mode,
+                                                                                                 "skip_step")])
+    (sync_state, sync_g, sync_skips), (late_state, late_g, late_skips) = results["sync"], results["async"]
+    assert sync_skips == late_skips == [5, 8]
+    assert bitwise_same(sync_state, late_state)
+    assert all(torch.isfinite(t).all() for t in late_state if t.is_floating_point())
+    assert sync_g["total_rollbacks"] == late_g["total_rollbacks"] == 0
+    assert late_g["verdict_path"] == "async"  # back on the device once every parameter has state
+
+
+def test_a_staged_async_skip_is_reported_when_the_loop_stops_calling_the_gate(tmp_path):
+    model = make_mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    ctl = GradienceController(out_dir=str(tmp_path), guard_verdict="async", guard_snapshot_interval=100,
+                              spectral_enabled=False)
+    # Gate until step 6 (whose NaN the device skips); from step 7 on, step() without the gate.
+    summary = _fused_loop(ctl, model, opt, 10, gate=lambda s: s <= 6,
+                          on_grads=lambda s, m: m[2].bias.grad.fill_(float("nan")) if s == 6 else None)
+    assert [(e["step"], e["reason"]) for e in events(tmp_path, "skip_step")] == [(6, "NONFINITE_GRADS")]
+    assert (summary["guard"]["total_skipped_steps"], summary["guard"]["integrity_status"]) == (1, "RECOVERED")
+    assert summary["guard"]["verdict_path"] == "sync"
+
+
+def test_a_healthy_async_run_commits_its_last_snapshot_at_finalize(tmp_path):
+    model = make_mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    ctl = GradienceController(out_dir=str(tmp_path), guard_verdict="async", guard_snapshot_interval=5,
+                              spectral_enabled=False)
+    summary = _fused_loop(ctl, model, opt, 11)  # step 10 is a snapshot step, judged at finalize
+    snaps = events(tmp_path, "snapshot")
+    assert [e["step"] for e in snaps if e["committed"]] == [-1, 0, 5, 10]
+    assert not [e for e in snaps if e.get("abandoned_at") is not None]
+    assert summary["guard"]["snapshots"][-1] == 10
+    assert summary["guard"]["integrity_status"] == "OK"
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_the_guard_state_stored_with_a_snapshot_is_the_live_state_after_its_commit(tmp_path, mode):
+    """A resume after a kill continues with the budget the live run had right after the snapshot's commit."""
+    from gradience.shardio import MARKER, load_marker
+
+    model = make_mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    out = tmp_path / mode
+    ctl = GradienceController(out_dir=str(out), guard_verdict=mode, guard_snapshot_interval=4,
+                              guard_snapshot_hot="off", spectral_enabled=False)
+    ctl.initialize(model, optimizer=opt)
+    live = {}
+    for step in range(14):
+        opt.zero_grad(set_to_none=True)
+        loss = mlp_loss(model, step)
+        loss.backward()
+        ctl.before_optimizer_step(model, opt, loss=loss)
+        opt.step()
+        if step == 5:
+            poison("0.weight")(model)  # a rollback: the episode is open until the next commit
+        assert ctl.step(step, loss, model)
+        for sid in ctl.state.committed_sids:
+            live.setdefault(sid, ctl.state)
+    ctl.close()  # killed: no finalize
+    newest = max(ctl.state.committed_sids)
+    marker = load_marker(ctl.store.snapshot_dir(newest), newest)
+    assert (ctl.store.snapshot_dir(newest) / MARKER).exists()
+    stored = marker["extra"]["guard_state"]
+    assert stored == live[newest].to_dict()
+    assert stored["episode_rollbacks"] == 0 and stored["total_rollbacks"] == 1
+    again = GradienceController(out_dir=str(out), guard_verdict=mode, guard_snapshot_interval=4,
+                                guard_snapshot_hot="off", spectral_enabled=False)
+    model2 = make_mlp()
+    again.initialize(model2, optimizer=torch.optim.AdamW(model2.parameters(), lr=1e-2, fused=True),
+                     resume="latest")
+    resumed = again.state
+    assert (resumed.episode_rollbacks, resumed.total_rollbacks, resumed.lr_scale) == (0, 1, 0.5)
+    assert resumed.committed_sids == tuple(i.sid for i in again.store.committed())
+    again.close()

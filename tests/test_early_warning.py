@@ -70,9 +70,10 @@ def test_kappa_and_risk_are_identical_on_every_rank(tmp_path):
 
 def test_a_rollback_restarts_the_kappa_history():
     config = GradienceConfig(risk_burn_in_steps=0)
-    state = GuardState(committed=(0,), kappa_history=((0, 1.0), (5, 1.1), (10, 1.2)))
+    state = GuardState(committed_sids=(0,), kappa_history=((0, 1.0), (5, 1.1), (10, 1.2)))
     state, decision = policy.decide(state, Verdict(phase=Phase.STEP, step=12, nonfinite_weights=True), config)
-    assert decision.action.value == "rollback" and state.kappa_history == ()
+    assert decision.action.value == "rollback"
+    assert policy.on_restored(state, decision.target_sid, config).kappa_history == ()
 
 
 def test_risk_level_rises_with_a_growing_kappa():
@@ -135,7 +136,11 @@ def test_a_growing_attention_scale_raises_the_risk_level_in_telemetry_and_log(tm
 
 
 def _probe(state, tick, kappa, config):
-    return policy.decide(state, Verdict(phase=Phase.STEP, step=tick, tick=tick, spectral_kappa=kappa), config)
+    """A probe step's decision, with a rollback's restore reported back as the executor does."""
+    state, d = policy.decide(state, Verdict(phase=Phase.STEP, step=tick, tick=tick, spectral_kappa=kappa), config)
+    if d.action.value == "rollback":
+        state = policy.on_restored(state, d.target_sid, config)
+    return state, d
 
 
 def test_reactions_warning_bursts_danger_backs_off_once_instability_rolls_back():
@@ -144,7 +149,7 @@ def test_reactions_warning_bursts_danger_backs_off_once_instability_rolls_back()
                              risk_burst_steps=30, risk_warning_slope=0.002, risk_danger_slope=0.004,
                              risk_instability_volatility=0.003)
     # WARNING: slope 0.003/step.
-    state, decisions = GuardState(committed=(0,)), []
+    state, decisions = GuardState(committed_sids=(0,)), []
     for tick in range(0, 200, 10):
         state, d = _probe(state, tick, math.exp(0.003 * tick), config)
         decisions.append(d)
@@ -152,7 +157,7 @@ def test_reactions_warning_bursts_danger_backs_off_once_instability_rolls_back()
     assert state.burst_until == 190 + 30 and policy.spectral_due(201, config, state)
     assert not policy.spectral_due(221, config, state) and state.lr_scale == 1.0
     # DANGER (slope 0.006): one backoff for the whole episode, however many probes read DANGER.
-    state = GuardState(committed=(0,))
+    state = GuardState(committed_sids=(0,))
     for tick in range(0, 300, 10):
         state, d = _probe(state, tick, math.exp(0.006 * tick), config)
     assert state.risk_level == "DANGER" and state.lr_scale == 0.5 and state.risk_backoff_done
@@ -160,7 +165,7 @@ def test_reactions_warning_bursts_danger_backs_off_once_instability_rolls_back()
         state, d = _probe(state, tick, math.exp(0.006 * 290), config)
     assert state.risk_level == "STABLE" and not state.risk_backoff_done and state.lr_scale == 0.5
     # INSTABILITY (volatile κ̃): a rollback, with its budget and LR backoff.
-    state = GuardState(committed=(0,))
+    state = GuardState(committed_sids=(0,))
     for i, tick in enumerate(range(0, 100, 10)):
         state, d = _probe(state, tick, math.exp(0.2 * (i % 2)), config)
         if d.action.value == "rollback":
@@ -168,7 +173,7 @@ def test_reactions_warning_bursts_danger_backs_off_once_instability_rolls_back()
     assert (d.action.value, d.reason.value) == ("rollback", "SPECTRAL_INSTABILITY") and state.total_rollbacks == 1
     # Reactions off (the default): levels are reported, nothing is done.
     quiet = config.replace(risk_reactions=False)
-    state = GuardState(committed=(0,))
+    state = GuardState(committed_sids=(0,))
     for tick in range(0, 300, 10):
         state, d = _probe(state, tick, math.exp(0.006 * tick), quiet)
     assert state.risk_level == "DANGER" and state.lr_scale == 1.0 and d.action.value == "continue"
@@ -256,3 +261,31 @@ def test_a_mapping_that_does_not_fit_the_model_fails_at_initialize(tmp_path):
                                                                       "transposed": True})
     ok.initialize(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     ok.finalize()
+
+
+def test_a_danger_reaction_reaches_the_loops_lr_through_set_lr(tmp_path):
+    """With ``get_lr``/``set_lr`` the guard's scale has the same one home: a DANGER backoff moves the loop's LR."""
+    model = make_gpt2()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    lr = {"value": 1e-4}
+    ctl = GradienceController(out_dir=str(tmp_path), spectral_interval=5, risk_burn_in_steps=0,
+                              guard_snapshot_interval=1000, risk_reactions=True)
+    ctl.initialize(model, save_fn=lambda p: torch.save(model.state_dict(), p),
+                   load_fn=lambda p: model.load_state_dict(torch.load(p)),
+                   get_lr=lambda: lr["value"], set_lr=lambda v: lr.__setitem__("value", v))
+    used = []
+    for step in range(41):
+        for group in opt.param_groups:  # the loop owns its LR (nanoGPT style)
+            group["lr"] = lr["value"]
+        used.append(lr["value"])
+        opt.zero_grad()
+        loss = gpt2_loss(model, step)
+        loss.backward()
+        ctl.before_optimizer_step(model, opt, loss=loss)
+        opt.step()
+        grow_attention(step, model)
+        assert ctl.step(step, loss, model)
+    summary = ctl.finalize()
+    first = next(e["step"] for e in events(tmp_path, "risk_reaction") if "LR backoff" in e["detail"])
+    assert summary["guard"]["lr_scale"] == 0.5 and summary["guard"]["total_rollbacks"] == 0
+    assert used[first] == pytest.approx(1e-4) and all(v == pytest.approx(0.5e-4) for v in used[first + 1:])

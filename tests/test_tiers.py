@@ -138,7 +138,7 @@ class _HeldWrites:
 def test_a_slow_persist_never_blocks_training_and_its_snapshot_is_a_target_meanwhile(tmp_path, monkeypatch):
     model, opt, ctl = _guarded_mlp(tmp_path)
     held = at_5 = None
-    sid_5 = ctl._next_sid + 1  # after the snapshot of step 0
+    sid_5 = ctl.executor.next_sid + 1  # after the snapshot of step 0
 
     def after_update(step: int):
         def f(m):

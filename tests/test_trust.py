@@ -280,7 +280,7 @@ def test_load_state_dict_after_initialize_keeps_this_runs_snapshots(tmp_path):
 def GuardState_with_snapshots(steps):
     from gradience.types import GuardState
 
-    state = GuardState(lr_scale=0.5, total_rollbacks=1, committed=tuple(steps))
+    state = GuardState(lr_scale=0.5, total_rollbacks=1, committed_sids=tuple(steps))
     return {"version": 2, "guard_state": state.to_dict(), "steps_seen": 0, "last_step": None}
 
 
