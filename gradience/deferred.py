@@ -13,9 +13,12 @@ Per step ``t``:
   ``t``: by then the device has long finished them (it waits only if the host ran more than a step ahead), so
   the host never stops for the device in the steady state.
 
+``read()`` returns the same Verdicts the synchronous path agrees on, tagged with the tick and step they judge
+(the weights' one says whether the device skipped that update): the controller feeds them to the same policy.
 So a bad gradient is skipped in its own step on the device and reported one step later, and a weight fault of
 step ``t`` is acted on in ``step(t+1)``; in between the gate skips the update it would poison (NaN weights
-give NaN gradients). The price of deciding on the device: a total norm above ``guard_violation_threshold``
+give NaN gradients). This module also decides whether a run (:func:`choose`) and a step (:func:`path_of_step`)
+can take this path. The price of deciding on the device: a total norm above ``guard_violation_threshold``
 counts as a violation (the exact max|x| fallback would need the host), and an overflowing norm as non-finite.
 Nothing is written into a device tensor from a host number in the steady state: each such write is a
 synchronous copy.
@@ -49,7 +52,7 @@ _HEAD = 4  # frame (several ranks): call kind, -kind, call count, -count (MAX ex
 _GRADS, _STEP = KINDS.index("check:grads") + 1, KINDS.index("check:step") + 1
 
 
-def refusal(config: Any, optimizer: Any, backend: Any, comm: Any, scaler: Any) -> str | None:
+def refusal(config: Any, optimizer: Any, backend: Any, comm: Any) -> str | None:
     """Why this run cannot decide on the device (None: it can)."""
     from gradience.backends import PlainBackend
 
@@ -57,8 +60,6 @@ def refusal(config: Any, optimizer: Any, backend: Any, comm: Any, scaler: Any) -
         return "the optimizer does not read found_inf (use a fused torch optimizer, e.g. AdamW(fused=True))"
     if not isinstance(backend, PlainBackend):
         return f"the {type(backend).__name__} state is checked by the synchronous path"
-    if scaler is not None:
-        return "a GradScaler sets found_inf itself"
     if config.spike_action == "skip":
         return "spike_action='skip' needs the host's spike statistics before the update"
     if config.fingerprint_interval:
@@ -257,16 +258,20 @@ class Deferred:
         return _loss_stats(loss, self.device, self._none, self._zero)
 
 
-def choose(config: Any, optimizer: Any, backend: Any, comm: Any, scaler: Any) -> Deferred | None:
-    """The asynchronous verdict's device side when this run can use it (once, at the first gate; every rank
-    alike), else None, saying why in the log when it was asked for."""
+def choose(config: Any, optimizer: Any, backend: Any, comm: Any) -> Deferred | None:
+    """The asynchronous verdict's device side when this run can use it (once, at initialize; every rank alike),
+    else None, saying why in the log when it was asked for. Steps a GradScaler steps, and steps whose parameters
+    have no optimizer state yet, are synchronous all the same (:func:`path_of_step`)."""
     mode = config.guard_verdict
+    if mode == "async" and optimizer is None and config.guard_enabled:
+        logger.warning("Gradience: guard_verdict='async': the verdict stays synchronous: it needs optimizer= at "
+                       "initialize (a save_fn/load_fn run has no optimizer the device could steer)")
     if mode == "sync" or optimizer is None or not config.guard_enabled:
         return None
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if mode == "auto" and (not params or params[0].device.type == "cpu"):
         return None
-    why = refusal(config, optimizer, backend, comm, scaler)
+    why = refusal(config, optimizer, backend, comm)
     if why is not None:
         log = logger.warning if mode == "async" else logger.info
         log("Gradience: guard_verdict=%r: the verdict stays synchronous: %s", mode, why)
@@ -275,6 +280,28 @@ def choose(config: Any, optimizer: Any, backend: Any, comm: Any, scaler: Any) ->
     logger.info("Gradience: asynchronous verdict: the gradient gate runs on %s (found_inf), weight faults are "
                 "acted on one step later", deferred.device)
     return deferred
+
+
+_NOTED: set[tuple[int, str]] = set()
+
+
+def path_of_step(deferred: Deferred | None, optimizer: Any, scaler: Any) -> str:
+    """"async" when this step's gate can run on the device: the run can, no GradScaler steps this update (it
+    sets found_inf itself), and every parameter about to be updated already has optimizer state (re-checked
+    each step: new groups, unfrozen parameters); else "sync", said once per cause and optimizer in the log."""
+    if deferred is None:
+        return "sync"
+    if scaler is not None and scaler.is_enabled():
+        why = "a GradScaler steps this update and sets found_inf itself: such steps are synchronous"
+    elif missing_state(optimizer):
+        why = ("a parameter about to be updated has no optimizer state yet (the first step, a new param group, an "
+               "unfrozen parameter): such steps are synchronous")
+    else:
+        return "async"
+    if (id(optimizer), why) not in _NOTED:
+        _NOTED.add((id(optimizer), why))
+        logger.info("Gradience: asynchronous verdict: %s", why)
+    return "sync"
 
 
 def missing_state(optimizer: torch.optim.Optimizer) -> bool:
@@ -301,8 +328,8 @@ def _loss_stats(loss: Any, device: torch.device, none: torch.Tensor, zero: torch
         big = mean.abs()
     elif reads:
         mean, big = (r.to(device) for r in reads)
-    elif isinstance(loss, int | float):
-        mean = torch.full((), float(loss), dtype=torch.float64, device=device)
+    elif loss is not None and not isinstance(loss, torch.Tensor):  # a number of any kind (numpy scalars too), as
+        mean = torch.full((), float(loss), dtype=torch.float64, device=device)  # the synchronous probe reads it
         big = mean.abs()
     else:
         return none, zero

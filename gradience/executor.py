@@ -1,5 +1,6 @@
-"""Carrying out the policy's Decisions: snapshots begun, committed, abandoned and written to disk, rollbacks with
-their restores and replica repair, halts. Every result goes back through a :mod:`gradience.policy` transition,
+"""Carrying out the policy's Decisions: reporting each one (skips, spikes, risk reactions, faults in monitor mode,
+the periodic telemetry), snapshots begun, committed, abandoned and written to disk, rollbacks with their restores
+and replica repair, halts, and opening a run (fresh, or resumed from its newest snapshot). Every result goes back through a :mod:`gradience.policy` transition,
 so the executor never builds or edits a GuardState itself; each action is reported to telemetry.
 
 Its dependencies are declared in the constructor: the snapshot store and the restore mechanics
@@ -17,9 +18,10 @@ from gradience import policy
 from gradience.config import GradienceConfig
 from gradience.errors import SnapshotError
 from gradience.recovery import Recovery, check_backoff_target
+from gradience.resume import Resumed, resume_latest
 from gradience.snapshot import SnapshotStore, agree_all
 from gradience.telemetry import Telemetry, telemetry_filename
-from gradience.types import Action, Decision, GuardState, Phase, Verdict
+from gradience.types import Action, Decision, GuardState, Phase, Reason, Verdict
 
 #: The controller's runner for collective calls: ``collective(step, fn, *args)``.
 Collective = Callable[..., Any]
@@ -28,22 +30,103 @@ Collective = Callable[..., Any]
 class Executor:
     """Carries out Decisions for one controller (see the module docstring)."""
 
-    def __init__(self, *, store: SnapshotStore, recovery: Recovery, telemetry: Telemetry, config: GradienceConfig,
-                 comm: Any, collective: Collective, fatal: Callable[[GuardState, int | None, str, str], None],
-                 global_ranks: tuple[int, ...], bad_tensors: Callable[[], dict[str, Any] | None],
-                 read_lr: Callable[[], float | None]) -> None:
+    def __init__(self, *, store: SnapshotStore | None, recovery: Recovery | None, telemetry: Telemetry,
+                 config: GradienceConfig, comm: Any, collective: Collective,
+                 fatal: Callable[[GuardState, int | None, str, str], None], global_ranks: tuple[int, ...],
+                 bad_tensors: Callable[[], dict[str, Any] | None], read_lr: Callable[[], float | None],
+                 spectral: Any | None) -> None:
         self.store, self.recovery, self.telemetry, self.config = store, recovery, telemetry, config
         self.comm, self.collective, self.fatal, self.global_ranks = comm, collective, fatal, global_ranks
-        self._bad_tensors, self._read_lr = bad_tensors, read_lr
+        self._bad_tensors, self._read_lr, self._spectral = bad_tensors, read_lr, spectral
         #: The next snapshot id to hand out (ids are never reused, also across a resume).
         self.next_sid = 0
         self._warned_backoff = False
+        self._monitored: Any = None  # monitor mode: the fault reason last reported
+        self._ahead: tuple[int | None, dict[str, Any]] = (None, {})  # κ̃ measured ahead of its verdict, by tick
+        self._at_tick: dict[int, GuardState] = {}  # snapshot id -> the guard state of its own step
+
+    # ------------------------------------------------------------------------------------------ opening
+    def start(self, state: GuardState, label: int, tick: int) -> GuardState:
+        """*Collective.* A fresh run: clear the snapshot directory and commit the initial snapshot, on disk
+        before the first step (it is the first rollback target and the first resume point)."""
+        self.collective(None, self.store.reset)
+        state = policy.on_fresh_start(state)
+        state = self.snapshot(state, label, tick, confirmed=True)
+        if state.pending is not None:  # a commit lag: not for the first target
+            state = self.commit(state, label)
+        persisted = self.collective(None, self.recovery.persist, label) if state.committed_sids else None
+        if not state.committed_sids or persisted is False:
+            error = self.store.last_error
+            raise SnapshotError(f"could not commit the initial snapshot under {self.store.root}: "
+                                + (f"{type(error).__name__}: {error}" if error else "another rank failed"))
+        return state
+
+    def resume(self) -> tuple[GuardState, Resumed] | None:
+        """*Collective.* Continue from the newest committed snapshot whose shards verify on every rank: restored,
+        with the guard state stored with it; None (reported) when there is none."""
+        last = self.collective(None, self.store.scan)
+        rec = self.recovery
+        resumed = resume_latest(self.store, self.comm, lambda sid: self.collective(None, rec.prepare_everywhere, sid),
+                                rec.resume)
+        if resumed is None:
+            self.telemetry.emit("resume", step=None, path=None, detail="no committed snapshot: starting fresh")
+            return None
+        info, committed = resumed.info, self.store.committed()
+        state = policy.on_resume(info.extra.get("guard_state") or resumed.meta.get("guard_state"),
+                                 tuple(i.sid for i in committed))
+        rec.labels.update({i.sid: i.step for i in committed})
+        self.next_sid = last + 1
+        self.telemetry.emit("resume", step=info.step, snapshot_id=info.sid, path=str(info.path),
+                            lr_scale=state.lr_scale, total_rollbacks=state.total_rollbacks)
+        return state, resumed
 
     # ------------------------------------------------------------------------------------------ one decision
     def carry_out(self, state: GuardState, decision: Decision, verdict: Verdict | None, *, step: int | None,
-                  tick: int, verified: bool = True) -> GuardState:
-        """Do what ``decision`` says (``verdict``: the agreed verdict it came from, None for a transition of its
-        own); returns the guard state after every result was reported back to the policy."""
+                  tick: int, verified: bool = True, before: GuardState | None = None,
+                  bad: Callable[[], Any] | None = None, last_loss: float | None = None) -> GuardState:
+        """Report ``decision`` and do what it says (``verdict``: the agreed verdict it came from, None for a
+        transition of its own; ``before``: the state the policy decided from; ``bad()``: the offending gradients
+        by name, asked for on a skip); returns the guard state after every result was reported back to the
+        policy."""
+        if verdict is not None:
+            self._report(state, decision, verdict, before or state, bad)
+        if self.store is not None:
+            state = self._act(state, decision, verdict, step, tick, verified)
+        elif decision.action is Action.HALT and verdict is not None:
+            self.report_halt(state, decision, verdict, step)
+        if verdict is not None and verdict.phase is Phase.STEP and verdict.step % self.config.telemetry_interval == 0:
+            self.telemetry.emit("telemetry", step=verdict.step, train_loss=last_loss, lr=self._read_lr(),
+                                lr_scale=state.lr_scale, weight_norm=verdict.weight_norm,
+                                spectral_kappa=self._spectral.last_kappa if self._spectral else None,
+                                risk_level=state.risk_level)
+        return state
+
+    def _report(self, state: GuardState, decision: Decision, verdict: Verdict, before: GuardState,
+                bad: Callable[[], Any] | None) -> None:
+        """What a decision tells the user before anything is done (the actions report their own results)."""
+        if decision.reason is Reason.SPIKE and decision.action is Action.CONTINUE:
+            self.telemetry.emit("spike", step=verdict.step, action="log", detail=decision.detail, **self.blame(verdict))
+        if decision.action is Action.SKIP_STEP:
+            self.telemetry.emit("skip_step", step=verdict.step, reason=decision.reason, **self.blame(verdict),
+                                grad_norm=verdict.grad_norm, bad=bad() if bad else None, detail=decision.detail)
+        if verdict.phase is not Phase.STEP:
+            return
+        if verdict.spectral_kappa is not None and self._spectral is not None:
+            self._spectral.report(verdict.step, verdict.tick, verdict, before.risk_level, state)
+        if decision.detail and decision.reason is None:  # a reaction to the spectral risk level
+            self.telemetry.emit("risk_reaction", step=verdict.step, level=state.risk_level, detail=decision.detail,
+                                lr_scale=state.lr_scale, kappa=verdict.spectral_kappa)
+        if not self.config.guard_enabled and decision.reason is not self._monitored:
+            # Monitor mode: a corrupted run stays faulty every step; report when the condition changes.
+            self._monitored = decision.reason
+            if decision.reason is not None:
+                self.telemetry.emit("fault", step=verdict.step, reason=decision.reason, **self.blame(verdict))
+
+    def _act(self, state: GuardState, decision: Decision, verdict: Verdict | None, step: int | None, tick: int,
+             verified: bool) -> GuardState:
+        p = state.pending
+        if decision.action is Action.SNAPSHOT and not decision.capture and p is not None and p.tick == tick:
+            self._at_tick[p.sid] = state  # a copy taken ahead, confirmed by its own verdict just now
         if self.store.persisting_id is not None and (decision.action is Action.HALT or (
                 verdict is not None and verdict.phase is Phase.STEP and not verdict.persist_busy)):
             # Every rank sees the same verdict: the marker is written together, once no rank is still writing.
@@ -60,11 +143,44 @@ class Executor:
             self.report_halt(state, decision, verdict, step)
         return state
 
+    def ahead(self, state: GuardState, step: int | None, tick: int) -> GuardState:
+        """Asynchronous verdict, the step just made (``tick``): its κ̃ when due (held for its verdict,
+        :meth:`kappa_of`), and a copy of it when a healthy verdict would make it a snapshot
+        (:func:`policy.capture_ahead`)."""
+        spectral = self._spectral
+        kappa = spectral.measure() if spectral is not None and policy.spectral_due(tick, self.config, state) else {}
+        self._ahead = (tick, kappa)
+        decision = policy.capture_ahead(state, tick, kappa.get("spectral_kappa"), self.config)
+        if decision.capture:
+            state = self.carry_out(state, decision, None, step=step, tick=tick)
+        return state
+
+    def kappa_of(self, tick: int | None) -> dict[str, Any]:
+        """The κ̃ measured ahead for the verdict of ``tick`` (empty when none was)."""
+        return self._ahead[1] if self._ahead[0] == tick else {}
+
+    def count_probe_errors(self, state: GuardState, verdict: Verdict, local: str | None,
+                           switched_off: dict[str, str]) -> GuardState:
+        """A probe that raises is a defect of the guard, not a fault of the run: report it (``local``: this rank's
+        error text, None when it raised elsewhere); the policy switches the check off on every rank after
+        ``probe_error_limit`` in a row (the count is agreed), and ``switched_off`` keeps this rank's reason."""
+        phase = verdict.phase
+        state, off = policy.on_probe_errors(state, phase, verdict.probe_error, self.config)
+        if verdict.probe_error:
+            if off and local:
+                switched_off[phase.value] = local
+            self.telemetry.emit("probe_error", step=verdict.step, phase=phase, **self.blame(verdict),
+                                error=local or "raised on another rank",
+                                consecutive=state.probe_error_streaks[phase is Phase.STEP], disabled=off)
+        return state
+
     # ------------------------------------------------------------------------------------------ snapshots
     def snapshot(self, state: GuardState, step: int | None, tick: int, *, confirmed: bool,
                  verified: bool = True) -> GuardState:
         """Capture the state as it is now as the next snapshot; committed at once when nothing is left to judge."""
         sid, self.next_sid = self.next_sid, self.next_sid + 1
+        if confirmed:
+            self._at_tick[sid] = state
         if self.store.persisting_id is not None:  # one write in flight at a time, reported
             self.collective(step, self.recovery.persist, step)
         background = not confirmed or self.config.guard_snapshot_commit_lag > 0
@@ -75,15 +191,18 @@ class Executor:
         return self.commit(state, step) if decision.commit_sid is not None else state
 
     def commit(self, state: GuardState, step: int | None) -> GuardState:
-        """*Collective.* Commit the snapshot in flight. The guard state stored with it is the state after its
-        commit: a run resumed from it continues exactly as the live run did."""
+        """*Collective.* Commit the snapshot in flight. The guard state stored with it is the state of its own
+        step (the step a resumed run continues from, whatever a commit lag judged since) after its commit: a run
+        resumed from it continues exactly as the live run did from that step."""
         pending = state.pending
         sid = self.store.pending_id
         verified = pending.verified if pending is not None and pending.sid == sid else True
-        after = policy.on_snapshot_committed(state, sid, self.config, verified=verified)
-        _, ok = self.collective(step, self.recovery.commit, step, {"guard_state": after.to_dict()})
+        own = self._at_tick.pop(sid, state)
+        stored = policy.on_snapshot_committed(own, sid, self.config, verified=verified)
+        _, ok = self.collective(step, self.recovery.commit, step, {"guard_state": stored.to_dict()})
         if not ok:
             return policy.on_snapshot_abandoned(state, sid)
+        after = policy.on_snapshot_committed(state, sid, self.config, verified=verified)
         state = policy.on_snapshots_lost(after, self.store.unrestorable())
         self.collective(step, self.recovery.prune, state.committed_sids)
         return state
@@ -91,6 +210,7 @@ class Executor:
     def abandon(self, state: GuardState, step: int | None) -> GuardState:
         """*Local.* Drop the snapshot in flight (every rank drops it at the same decision)."""
         sid = self.store.pending_id
+        self._at_tick.pop(sid, None)
         self.recovery.abandon(step)
         return policy.on_snapshot_abandoned(state, sid) if sid is not None else state
 
@@ -101,6 +221,8 @@ class Executor:
 
     def finish(self, state: GuardState, step: int | None, tick: int) -> GuardState:
         """The run ended: commit a snapshot whose steps were all judged healthy, write the last marker."""
+        if self.store is None:
+            return state
         state = self.carry_out(state, policy.on_finalize(state), None, step=step, tick=tick)
         self.persist(step)
         return state

@@ -1,6 +1,6 @@
-"""Defences of the guard against its own failure modes and its surroundings: probes that raise, a GradScaler
-the loop did not pass, a launcher's SIGTERM, and DDP's ``join()``. Each keeps the guard from breaking a healthy
-run, from hanging, or from leaving no report behind.
+"""Defences of the guard against its surroundings: a GradScaler the loop did not pass, a launcher's SIGTERM,
+and DDP's ``join()``. Each keeps the guard from breaking a healthy run, from hanging, or from leaving no report
+behind. (Probes that raise are counted by the policy: ``policy.on_probe_errors``.)
 """
 
 from __future__ import annotations
@@ -14,45 +14,7 @@ from typing import Any
 
 import torch
 
-from gradience.types import Phase
-
 logger = logging.getLogger("gradience")
-
-
-class ProbeHealth:
-    """Counts consecutive probe errors per check and switches a check off after ``limit`` in a row.
-
-    It is fed the *agreed* probe_error flag, so every rank counts the same and switches the same check off
-    in the same step (the collectives stay paired).
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._streak = {Phase.GRADS: 0, Phase.STEP: 0}
-        self._off: dict[Phase, str] = {}
-        #: This rank's last probe exception, as text (None when the error was on another rank).
-        self.last_error: str | None = None
-
-    def off(self, phase: Phase) -> bool:
-        """True once the check of ``phase`` was switched off."""
-        return phase in self._off
-
-    def disabled(self) -> dict[str, str]:
-        """Switched-off checks and the error that switched each off (for the summary)."""
-        return {p.value: why for p, why in self._off.items()}
-
-    def record(self, phase: Phase, error: bool) -> dict[str, Any] | None:
-        """Count one agreed result; returns the telemetry fields to report, or None when healthy."""
-        if not error:
-            self._streak[phase] = 0
-            return None
-        self._streak[phase] += 1
-        local, self.last_error = self.last_error, None
-        disable = self._streak[phase] >= self.limit
-        if disable:
-            self._off[phase] = local or "raised on another rank"
-        return {"error": local or "raised on another rank", "consecutive": self._streak[phase],
-                "disabled": disable}
 
 
 def detect_scaler() -> tuple[Any | None, str | None]:
@@ -71,6 +33,23 @@ def detect_scaler() -> tuple[Any | None, str | None]:
         return None, (f"{len(found)} GradScalers are in use in this process: pass scaler= to "
                       "before_optimizer_step, or gradients are checked while still scaled")
     return None, None
+
+
+class ScalerSearch:
+    """:func:`detect_scaler`, run once per controller (a walk of the GC's objects), its note logged once."""
+
+    def __init__(self) -> None:
+        self._done = False
+        self._scaler: Any | None = None
+
+    def find(self) -> Any | None:
+        """The GradScaler the loop did not pass, if exactly one is in use."""
+        if not self._done:
+            self._done = True
+            self._scaler, note = detect_scaler()
+            if note:
+                logger.warning("Gradience: %s", note)
+        return self._scaler
 
 
 def unscale(scaler: Any | None, optimizer: torch.optim.Optimizer | None) -> bool:

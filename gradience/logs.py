@@ -286,7 +286,10 @@ def _rollback_success(lg: EventLogger, r: Mapping[str, Any]) -> _Out:
     names, more = _bad_names(r)
     lr = f" (lr {_t(r.get('lr'))})" if r.get("lr") is not None else ""
     src = f" (read from {_t(r['restored_from'])})" if r.get("restored_from") else ""
-    msg = (f"rolled back{_at(r.get('step'))} to the snapshot of step {_t(r.get('to_step'))}{src} "
+    judged = r.get("verdict_step")
+    late = (f" for a fault of step {_t(judged)}, discarding step {_t(r.get('step'))}"
+            if judged is not None and judged != r.get("step") else "")
+    msg = (f"rolled back{_at(r.get('step'))} to the snapshot of step {_t(r.get('to_step'))}{src}{late} "
            f"({_t(r.get('reason'))}{_on_ranks(r.get('faulty_ranks'))}{_in_bad(names, more)}); "
            f"LR scale now {_t(r.get('lr_scale'))}{lr}; rollback {_t(r.get('total_rollbacks'))}")
     return logging.WARNING, msg, _evidence(lg, r, names)

@@ -241,6 +241,25 @@ def _check_scale(scale: float) -> float:
     return scale
 
 
+def apply_scale(lr: LRScale | CallbackLR | None, scale: float, *, adopt: bool = False) -> None:
+    """Bring the LR in force to the guard's ``scale``. ``adopt``: the scale came with the loop's own checkpoint,
+    whose LR (``set_lr`` form) already carries it."""
+    if lr is None or lr.scale == scale:
+        return
+    if adopt and isinstance(lr, CallbackLR):
+        lr.adopt(scale)
+    else:
+        lr.set(scale)
+
+
+def lr_in_force(lr: LRScale | CallbackLR | None, optimizer: Any) -> float | None:
+    """The first LR the next update uses (for telemetry): through the guard's scale when there is one."""
+    if lr is not None:
+        lrs = [x for x in lr.effective_lrs() if x is not None]
+        return lrs[0] if lrs else None
+    return current_lr(optimizer) if optimizer is not None else None
+
+
 def current_lr(optimizer: Any) -> float | None:
     """The first param group's LR as the loop/scheduler set it (the guard's scale not applied; for the LR the
     update uses see :meth:`LRScale.effective_lrs`). ``None`` when that group has no numeric LR."""
@@ -248,4 +267,4 @@ def current_lr(optimizer: Any) -> float | None:
     return float(lr) if _is_numeric_lr(lr) else None
 
 
-__all__ = ["CallbackLR", "LRScale", "current_lr", "unwrap_optimizer", "unwrap_scheduler"]
+__all__ = ["CallbackLR", "LRScale", "apply_scale", "current_lr", "lr_in_force", "unwrap_optimizer", "unwrap_scheduler"]

@@ -55,9 +55,11 @@ def _settle_pending(state: GuardState, decision: Decision, verdict: Verdict) -> 
             return _replace(state, pending=None), _replace(decision, abandon_sid=p.sid)
         p = _replace(p, confirmed=True)
         state, decision = _replace(state, pending=p), _replace(decision, capture=False)
-    elif decision.action is Action.SNAPSHOT and p.confirmed:
-        # One snapshot in flight at a time: the newer one commits the older first (every earlier tick was healthy).
-        return _replace(state, pending=None), _replace(decision, commit_sid=p.sid)
+    elif decision.action is Action.SNAPSHOT:
+        # One snapshot in flight at a time: a snapshot step (a risk reaction's) that comes while an older one
+        # still waits for its commit lag is not taken. The asynchronous path, which copies a step before its
+        # verdict, could not take it either.
+        decision = _replace(decision, action=Action.CONTINUE, capture=False)
     if p.confirmed and tick >= p.commit_tick:
         return _replace(state, pending=None), _replace(decision, commit_sid=p.sid)
     return state, decision
@@ -248,16 +250,15 @@ def on_snapshot_begun(state: GuardState, sid: int, tick: int, config: GradienceC
 def capture_ahead(state: GuardState, tick: int, kappa: float | None, config: GradienceConfig) -> Decision:
     """Asynchronous verdict: whether to copy the state of ``tick`` before it is judged (``capture``), because a
     healthy verdict of it (with this κ̃) would make it a snapshot. Exact: that verdict is decided from this very
-    state. A snapshot still waiting for its commit lag commits first, as a newer SNAPSHOT decision would."""
+    state. Not while an older snapshot still waits for its commit lag."""
     none = Decision(action=Action.CONTINUE, lr_scale=state.lr_scale)
     if state.halted or not config.guard_enabled:
         return none
     probe = Verdict(phase=Phase.STEP, step=tick, tick=tick, spectral_kappa=kappa)
     if not _judge(state, probe, config)[1].capture:
         return none
-    p = state.pending
-    return _replace(none, capture=True, commit_sid=p.sid if p is not None and p.confirmed else None,
-                    abandon_sid=p.sid if p is not None and not p.confirmed else None)
+    # One snapshot in flight at a time (see _settle_pending): by now an older one was judged up to the step before.
+    return none if state.pending is not None else _replace(none, capture=True)
 
 
 def on_snapshot_committed(state: GuardState, sid: int, config: GradienceConfig, *,

@@ -12,12 +12,14 @@ float64, so the threshold comparison never sees a narrowing artefact.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import torch
 
+from gradience.guardrails import unscale
 from gradience.norms import TotalNorm, max_abs, per_tensor
 from gradience.norms import values as _values
 from gradience.types import Phase, ProbeReport
@@ -99,6 +101,17 @@ def probe_grads(params: Iterable[torch.nn.Parameter], *, step: int, threshold: f
     """Check the parameters' gradients before the optimizer step (one host sync unless a norm exceeds
     ``threshold``)."""
     return probe_grad_tensors(grad_tensors(params), step=step, threshold=threshold)
+
+
+def probe_gate(grads: list[torch.Tensor], scaler: Any, optimizer: Any, *, step: int, loss: Any,
+               norm: TotalNorm | None, threshold: float) -> ProbeReport:
+    """The gradient gate's check: gradients unscaled first when a GradScaler is in use (inf/NaN that the scaler
+    explains is its own overflow, which it skips and lowers its scale for: not a fault)."""
+    overflow = unscale(scaler, optimizer)
+    report = probe_grad_tensors(grads, step=step, loss=loss, norm=norm, threshold=threshold)
+    if overflow:
+        report = dataclasses.replace(report, nonfinite_grads=False, violation_grads=False, scaler_overflow=True)
+    return report
 
 
 def probe_grad_tensors(grads: Sequence[torch.Tensor], *, step: int, threshold: float,

@@ -87,3 +87,14 @@ class SpectralMonitor:
         if state.risk_level != previous:
             self.telemetry.emit("risk_level", step=step, level=state.risk_level, previous=previous,
                                 kappa=verdict.spectral_kappa, slope=reading.slope, volatility=reading.volatility)
+
+
+def shard_reduce(backend: Any, comm: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A SUM over the ranks holding the shards, for a sharded spectral probe (None when nothing is sharded)."""
+    copies = getattr(backend, "spectral_replicas", 0)
+    if not copies:
+        return None
+    if getattr(backend, "mesh_size", None) != comm.world_size:
+        logger.warning("Gradience: the model's device mesh is not the guard's group; no spectral probe")
+        return None
+    return lambda t: comm.all_reduce_sum(t) / copies

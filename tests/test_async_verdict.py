@@ -215,7 +215,10 @@ def test_a_skipped_first_update_cannot_leave_uninitialised_optimizer_state(tmp_p
 
 
 # ------------------------------------------------------------------------------------------------ one decision core
-def _fused_loop(ctl, model, opt, steps, *, gate=lambda s: True, on_grads=None, on_step=None):
+def _fused_loop(ctl, model, opt, steps, *, gate=lambda s: True, on_grads=None, on_step=None, on_update=None,
+                after=None, finalize=True):
+    """A plain loop with hooks: ``on_step`` first, ``on_grads`` after backward, ``on_update`` after the update,
+    ``after`` after the guard's step; ``gate(step)``: whether the loop calls the gradient gate."""
     ctl.initialize(model, optimizer=opt)
     for step in range(steps):
         if on_step:
@@ -228,8 +231,12 @@ def _fused_loop(ctl, model, opt, steps, *, gate=lambda s: True, on_grads=None, o
         if gate(step):
             ctl.before_optimizer_step(model, opt, loss=loss)
         opt.step()
+        if on_update:
+            on_update(step, model)
         assert ctl.step(step, loss, model)
-    return ctl.finalize()
+        if after:
+            after(step)
+    return ctl.finalize() if finalize else None
 
 
 @pytest.mark.parametrize("name", ["SGD-momentum", "AdamW"])
@@ -306,19 +313,15 @@ def test_the_guard_state_stored_with_a_snapshot_is_the_live_state_after_its_comm
     out = tmp_path / mode
     ctl = GradienceController(out_dir=str(out), guard_verdict=mode, guard_snapshot_interval=4,
                               guard_snapshot_hot="off", spectral_enabled=False)
-    ctl.initialize(model, optimizer=opt)
     live = {}
-    for step in range(14):
-        opt.zero_grad(set_to_none=True)
-        loss = mlp_loss(model, step)
-        loss.backward()
-        ctl.before_optimizer_step(model, opt, loss=loss)
-        opt.step()
-        if step == 5:
-            poison("0.weight")(model)  # a rollback: the episode is open until the next commit
-        assert ctl.step(step, loss, model)
+
+    def remember(step):
         for sid in ctl.state.committed_sids:
             live.setdefault(sid, ctl.state)
+
+    # A rollback after step 5: the episode is open until the next commit.
+    _fused_loop(ctl, model, opt, 14, on_update=lambda s, m: poison("0.weight")(m) if s == 5 else None,
+                after=remember, finalize=False)
     ctl.close()  # killed: no finalize
     newest = max(ctl.state.committed_sids)
     marker = load_marker(ctl.store.snapshot_dir(newest), newest)
@@ -335,3 +338,102 @@ def test_the_guard_state_stored_with_a_snapshot_is_the_live_state_after_its_comm
     assert (resumed.episode_rollbacks, resumed.total_rollbacks, resumed.lr_scale) == (0, 1, 0.5)
     assert resumed.committed_sids == tuple(i.sid for i in again.store.committed())
     again.close()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_run_resumed_under_a_commit_lag_decides_as_the_live_run_did(tmp_path, mode):
+    """The stored guard state is the one of the snapshot's own step: the steps a commit lag judged after it are
+    replayed by the resumed run and must not be counted twice (three skips of a limit of three stay skips)."""
+    def run(out, kill_after=None, resume=False, start=0):
+        model = make_mlp()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+        ctl = GradienceController(out_dir=str(out), guard_verdict=mode, guard_snapshot_interval=4,
+                                  guard_snapshot_commit_lag=2, guard_max_consecutive_skips=3, spectral_enabled=False)
+        ctl.initialize(model, optimizer=opt, resume="latest" if resume else False)
+        first = ctl.resumed_step + 1 if resume else start
+        for step in range(first, 14):
+            opt.zero_grad(set_to_none=True)
+            loss = mlp_loss(model, step)
+            loss.backward()
+            if 5 <= step <= 7:
+                model[2].bias.grad.fill_(float("nan"))
+            ctl.before_optimizer_step(model, opt, loss=loss)
+            opt.step()
+            assert ctl.step(step, loss, model)
+            if step == kill_after:
+                ctl.close()  # killed: no finalize
+                return None
+        return ctl.finalize()["guard"], state_copy(model, opt)
+
+    live, live_state = run(tmp_path / "live")
+    run(tmp_path / "killed", kill_after=9)
+    resumed, resumed_state = run(tmp_path / "killed", resume=True)
+    keys = ("total_skipped_steps", "total_rollbacks", "lr_scale", "integrity_status")
+    assert [live[k] for k in keys] == [resumed[k] for k in keys] == [3, 0, 1.0, "RECOVERED"]
+    assert bitwise_same(live_state, resumed_state)
+
+
+def test_a_numpy_loss_is_judged_on_both_paths(tmp_path):
+    import numpy as np
+
+    rolled = {}
+    for mode in ("sync", "async"):
+        model = make_mlp()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+        ctl = GradienceController(out_dir=str(tmp_path / mode), guard_verdict=mode, guard_snapshot_interval=4,
+                                  spectral_enabled=False)
+        run_loop(model, mlp_loss, ctl, steps=10, optimizer=opt,
+                 guard_loss=lambda s, loss: np.float32("nan") if s == 6 else np.float32(loss.item()))
+        rolled[mode] = [(e["verdict_step"], e["reason"], e["to_step"]) for e in events(tmp_path / mode,
+                                                                                     "rollback_success")]
+    assert rolled["sync"] == rolled["async"] == [(6, "NONFINITE_LOSS", 4)]
+
+
+def test_a_gradscaler_that_comes_later_makes_its_steps_synchronous(tmp_path):
+    """GradScaler.step sets found_inf itself: a step it steps cannot be gated on the device."""
+    model = make_mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    ctl = GradienceController(out_dir=str(tmp_path), guard_verdict="async", guard_snapshot_interval=4,
+                              spectral_enabled=False)
+    ctl.initialize(model, optimizer=opt)
+    scaler, paths = None, []
+    for step in range(10):
+        opt.zero_grad(set_to_none=True)
+        loss = mlp_loss(model, step)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16) if step == 3 else scaler
+        (scaler.scale(loss) if scaler else loss).backward()
+        ctl.before_optimizer_step(model, opt, scaler=scaler, loss=loss.detach())
+        paths.append(ctl.state.verdict_path)
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        assert ctl.step(step, loss.detach(), model)
+    summary = ctl.finalize()["guard"]
+    assert paths == ["sync", "async", "async"] + ["sync"] * 7
+    assert (summary["total_skipped_steps"], summary["total_rollbacks"], summary["integrity_status"]) == (0, 0, "OK")
+
+
+def test_a_checkpoint_loaded_before_or_after_initialize_keeps_the_guards_clock(tmp_path):
+    model = make_mlp()
+    first = GradienceController(out_dir=str(tmp_path / "a"), guard_snapshot_interval=7, spectral_enabled=False)
+    run_loop(model, mlp_loss, first, steps=40)
+    saved = first.state_dict()
+    ticks = []
+    for order in ("before", "after"):
+        ctl = GradienceController(out_dir=str(tmp_path / order), guard_snapshot_interval=7, spectral_enabled=False)
+        if order == "before":
+            ctl.load_state_dict(saved)
+        ctl.initialize(make_mlp(), optimizer=torch.optim.AdamW(model.parameters()), start_step=39)
+        if order == "after":
+            ctl.load_state_dict(saved)
+        ticks.append(ctl.tick)
+        ctl.close()
+    assert ticks == [first.tick, first.tick] == [39, 39]
+    old = {k: v for k, v in saved.items() if k != "tick"}  # a checkpoint of format 2 counted steps, not ticks
+    ctl = GradienceController(out_dir=str(tmp_path / "v2"), spectral_enabled=False)
+    ctl.load_state_dict({**old, "version": 2})
+    ctl.initialize(make_mlp(), optimizer=torch.optim.AdamW(model.parameters()))
+    assert ctl.tick == 39
+    ctl.close()

@@ -75,6 +75,14 @@ def test_rollback_success(tel, caplog):
                                             "LR scale now 0.5 (lr 0.0015); rollback 1")
 
 
+def test_an_asynchronous_rollback_says_which_step_it_judged_and_which_it_discarded(tel, caplog):
+    tel.emit("rollback_success", step=13, verdict_step=12, to_step=10, reason=Reason.NONFINITE_WEIGHTS,
+             lr_scale=0.5, faulty_ranks=[0], total_rollbacks=1)
+    assert one(caplog) == (logging.WARNING, "Gradience: rolled back at step 13 to the snapshot of step 10 for a "
+                                            "fault of step 12, discarding step 13 (NONFINITE_WEIGHTS on rank 0); "
+                                            "LR scale now 0.5; rollback 1")
+
+
 def test_rollback_failed(tel, caplog):
     tel.emit("rollback_failed", step=50, to_step=40, reason="SNAPSHOT_UNREADABLE", local_ok=False)
     level, msg = one(caplog)

@@ -671,8 +671,10 @@ PENDING_TABLE = [
     # id, pending, verdict, expected (commit_sid, abandon_sid, capture, pending afterwards)
     ("sync_due_captures", None, after(20), (None, None, True, None)),
     ("lag_waits", dict(sid=3, tick=20, commit_tick=22, confirmed=True), after(21), (None, None, False, 3)),
-    ("newer_snapshot_commits_older", dict(sid=3, tick=20, commit_tick=25, confirmed=True), after(30),
-     (3, None, True, None)),
+    ("one_in_flight_newer_not_taken", dict(sid=3, tick=29, commit_tick=31, confirmed=True), after(30),
+     (None, None, False, 3)),
+    ("commit_then_no_newer", dict(sid=3, tick=28, commit_tick=30, confirmed=True), after(30),
+     (3, None, False, None)),
     ("lag_passed_commits", dict(sid=3, tick=20, commit_tick=21, confirmed=True), after(21), (3, None, False, None)),
     ("fault_abandons", dict(sid=3, tick=20, commit_tick=21, confirmed=True), after(21, nonfinite_weights=True),
      (None, 3, False, None)),
@@ -698,3 +700,13 @@ def test_a_snapshot_in_flight_is_confirmed_committed_or_dropped_by_the_verdicts(
     s, d = policy.decide(s, verdict, cfg)
     got = (d.commit_sid, d.abandon_sid, d.capture, s.pending.sid if s.pending else None)
     assert got == expected
+
+
+def test_the_controller_is_one_class_of_at_most_400_lines_without_mixins():
+    import inspect
+
+    from gradience import controller
+
+    source = inspect.getsource(controller)
+    assert len(source.splitlines()) <= 400
+    assert controller.GradienceController.__bases__ == (object,)
