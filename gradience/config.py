@@ -85,13 +85,13 @@ class GradienceConfig:
     """'sync': the host reads every check in its own step (exact same-step detection; two host syncs and, with
     several ranks, two all-reduces per step). 'async': the gradient gate is decided on the device (the fused
     optimizer's found_inf), no host sync; each verdict is read one step later, when the device has long
-    finished it: weight faults are acted on one step late (the gate keeps the optimizer state clean meanwhile),
-    skips are reported one step late (tensors named by the gate's per-tensor norms) and snapshots commit one
-    step after their step; with several ranks the flags travel in two device all-reduces per step, enqueued on
-    the stream. It starts once every trained parameter has optimizer state. 'auto': async on accelerators when
-    the run allows it, sync on CPUs. Runs that cannot go async (an optimizer without found_inf, a GradScaler,
-    DeepSpeed/FSDP2 state, spike_action='skip', fingerprints, a loop that skips before_optimizer_step) stay
-    sync, and the log says why."""
+    finished it, and fed to the same policy: weight faults are acted on one step late (that step discarded;
+    the gate keeps the optimizer state clean meanwhile), skips are reported one step late (tensors named by the
+    gate's per-tensor norms) and a snapshot commits once its own step was judged; with several ranks the flags
+    travel in two device all-reduces per step, enqueued on the stream. 'auto': async on accelerators when the
+    run allows it, sync on CPUs. Runs that cannot go async (an optimizer without found_inf, DeepSpeed/FSDP2
+    state, spike_action='skip', fingerprints) stay sync, and the log says why; steps a GradScaler steps, steps
+    whose parameters have no optimizer state yet and steps without before_optimizer_step are synchronous."""
 
     spectral_enabled: bool = True
     """Compute the spectral probe κ̃ every ``spectral_interval`` steps and the risk level from its trend."""

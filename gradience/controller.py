@@ -183,12 +183,10 @@ class GradienceController:
             threshold=self.config.guard_violation_threshold)), self.tick + 1)
         threshold, faulty = self.config.guard_violation_threshold, self.comm.rank in verdict.faulty_ranks
         decision = self._decide(step, verdict, bad=lambda: source.bad(threshold, grads=True) if faulty else None)
-        if decision.action is Action.CONTINUE and not verdict.scaler_overflow:
-            return True
-        source.close_gate()
-        self._skipped = True
         if decision.action is Action.CONTINUE:
-            self.state = policy.on_scaler_overflow(self.state)
+            return True
+        source.close_gate()  # a skip, a rollback, a halt, or the GradScaler's own overflow
+        self._skipped = True
         return False
 
     def step(self, step: int, loss: torch.Tensor | float | None, model: torch.nn.Module | None = None) -> bool:
@@ -232,8 +230,9 @@ class GradienceController:
             d.forget()  # this step's gate and loss judged the state that was just replaced
             return not self.halted
         self.tick += 1
-        self.state = self.executor.ahead(self.state, step, self.tick)
-        d.note_step(*self.backend.check_tensors(), loss, step, busy=self.store is not None and self.store.persist_busy())
+        self.state, kappa = self.executor.ahead(self.state, step, self.tick)
+        busy = self.store is not None and self.store.persist_busy()
+        d.note_step(*self.backend.check_tensors(), loss, step, busy=busy, spectral=kappa)
         return not self.halted
 
     def _drain(self, step: int | None) -> bool:
@@ -248,13 +247,13 @@ class GradienceController:
         d = self._deferred
         grads, weights = self._collective(step, d.read, self.config.collective_timeout_s)
         d.release()  # the update this gate steered is done
-        rollbacks = self.state.total_rollbacks
+        done = None
         if grads is not None:
-            self._decide(step, grads, bad=lambda: d.bad_grads(self.model, self.config.guard_violation_threshold))
-        if weights is not None and self.state.total_rollbacks == rollbacks and not self.halted:
+            done = self._decide(step, grads, bad=lambda: d.bad_grads(self.model, self.config.guard_violation_threshold))
+        if weights is not None and (done is None or done.action is not Action.ROLLBACK) and not self.halted:
             self.last_loss = weights.loss
-            self._decide(step, dataclasses.replace(weights, **self.executor.kappa_of(weights.tick)))
-        return self.state.total_rollbacks == rollbacks
+            done = self._decide(step, weights)
+        return done is None or done.action is not Action.ROLLBACK or self.halted
 
     def _decide(self, step: int | None, verdict: Verdict, *, bad: Callable[[], Any] | None = None,
                 verified: bool = True) -> Decision:
@@ -263,9 +262,9 @@ class GradienceController:
         self.state = self.executor.count_probe_errors(self.state, verdict, local, self.probe_errors)
         before = self.state
         self.state, decision = policy.decide(before, verdict, self.config)
+        self._apply_lr()  # a DANGER reaction lowers the scale without a rollback: in force before any snapshot
         self.state = self.executor.carry_out(self.state, decision, verdict, step=step, tick=verdict.tick,
                                              verified=verified, before=before, bad=bad, last_loss=self.last_loss)
-        self._apply_lr()  # a DANGER reaction lowers the scale without a rollback
         return decision
 
     def _asynchronous(self, scaler: Any) -> bool:
@@ -281,11 +280,10 @@ class GradienceController:
         all judged healthy committed, the last marker written): collective then, so every rank calls it."""
         self._require_initialized()
         with contextlib.suppress(CollectiveError):  # recorded as an ABORTED run: the summary says so
-            if self._drain(self.last_step) and not self.halted:
+            self._drain(self.last_step)
+            if not self.halted:
                 self.state = self.executor.finish(self.state, self.last_step, self.tick)
-        if self.store is not None:  # what a halt or an abort left in flight is never committed
-            self.store.abandon()
-            self.store.abandon_persist()
+        self.state = self.executor.drop_in_flight(self.state, self.last_step)
         written = reports.write_final(self.telemetry, self.summary())
         self.close()
         return written
@@ -369,13 +367,14 @@ class GradienceController:
             report = dataclasses.replace(report, persist_busy=True)  # no marker while any rank writes
         return self._collective(report.step, agree, report, self.comm, tick)
 
-    def _collective(self, step: int | None, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run a collective call; a failed one ends the run on this rank with an ABORTED summary, then raises."""
+    def _collective(self, step: int | None, fn: Callable[..., Any], *args: Any, state: GuardState | None = None) -> Any:
+        """Run a collective call; a failed one ends the run on this rank with an ABORTED summary (of ``state``,
+        the guard state as the caller has it now), then raises."""
         try:
             return fn(*args)
         except CollectiveError as e:
             reason = Reason.COLLECTIVE_MISMATCH if isinstance(e, CollectiveMismatch) else Reason.CONSENSUS_TIMEOUT
-            self._fatal(policy.on_abort(self.state, reason), step, reason.value, str(e))
+            self._fatal(policy.on_abort(state or self.state, reason), step, reason.value, str(e))
             raise
 
     def _fatal(self, state: GuardState, step: int | None, reason: str, error: str) -> None:
@@ -393,6 +392,6 @@ class GradienceController:
             apply_scale(self.lr, self.state.lr_scale, adopt=adopt)
 
     def _require_initialized(self) -> None:
-        if self.telemetry is None:
-            raise RuntimeError("GradienceController.initialize(model, ...) must be called first")
+        if self.executor is None:
+            raise RuntimeError("GradienceController.initialize(model, ...) must be called first (and succeed)")
 

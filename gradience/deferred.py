@@ -48,7 +48,8 @@ MODES = ("auto", "sync", "async")
 _HEAD = 4  # frame (several ranks): call kind, -kind, call count, -count (MAX exposes ranks in different calls)
 # Gradients: norm (NaN as +inf, so MAX reduces it), NaN?, loss (-inf: none).
 # Weights: norm (NaN as +inf), NaN?, a buffer NaN?, loss (-inf: none), max |loss| (NaN as +inf), a rank still
-# writing a snapshot's shard. Flags are derived on the host from these; several ranks add one slot per rank.
+# writing a snapshot's shard, κ̃ and stable rank (-inf: no probe). Flags are derived on the host from these;
+# several ranks add one slot per rank.
 _GRADS, _STEP = KINDS.index("check:grads") + 1, KINDS.index("check:step") + 1
 
 
@@ -163,23 +164,26 @@ class Deferred:
         raw = self._grads(grads, self.device)
         norm = _enc(raw)  # NaN -> inf: "not <= threshold" either way
         z = self._zero  # both vectors have one length: ranks in different calls then fail the frame check
-        vec = self._g.send([norm, raw.isnan().double(), self._loss(loss)[0], z, z, z],
+        vec = self._g.send([norm, raw.isnan().double(), self._loss(loss)[0], z, z, z, z, z],
                            lambda: (norm > self.threshold).double(), step, self._grads.per_tensor)
         self.optimizer.found_inf = (vec[self._g.off] > self.threshold).float()
         self._cur = [tick, self._g.staged, None]
 
     @torch.no_grad()
     def note_step(self, weights: list[torch.Tensor], buffers: list[torch.Tensor], loss: Any, step: int, *,
-                  busy: bool = False) -> None:
+                  busy: bool = False, spectral: dict[str, float | None] | None = None) -> None:
         """The weights' check of this step, agreed on the device and read in the next step. ``busy``: this
-        rank is still writing a snapshot's shard."""
+        rank is still writing a snapshot's shard; ``spectral``: this step's κ̃ and stable rank (probe steps
+        only: the one host number written to the device, agreed by the MAX as on the synchronous path)."""
         raw = self._weights(weights, self.device)
         norm = _enc(raw)
         b_nan = self._buffers(buffers, self.device).isnan().double() if buffers else self._zero
         mean, big = self._loss(loss)
         big = _enc(big)
         t = self.threshold
-        self._w.send([norm, raw.isnan().double(), b_nan, mean, big, self._one if busy else self._zero],
+        kappa, srank = (self._host(spectral.get(k)) for k in ("spectral_kappa", "stable_rank")) if spectral else (
+            self._none, self._none)
+        self._w.send([norm, raw.isnan().double(), b_nan, mean, big, self._one if busy else self._zero, kappa, srank],
                      lambda: ((norm > t) | (b_nan > 0) | (big > t)).double(), step)
         if self._cur is not None:
             self._cur[2] = self._w.staged
@@ -231,13 +235,13 @@ class Deferred:
                                   grad_norm=math.nan if nan else norm, loss=loss)
         taken = self._w.take(w_staged, timeout_s)
         if taken is not None:
-            (norm, nan, b_nan, loss, big, busy), ranks, at = taken
+            (norm, nan, b_nan, loss, big, busy, kappa, srank), ranks, at = taken
             skipped = grads is not None and (grads.nonfinite_grads or grads.violation_grads)  # found_inf's rule
             weights = self._verdict(ranks, tick, phase=Phase.STEP, step=at, nonfinite_weights=norm == math.inf,
                                     violation_weights=math.isfinite(norm) and norm > t, nonfinite_buffers=b_nan > 0,
                                     nonfinite_loss=big == math.inf, violation_loss=math.isfinite(big) and big > t,
                                     weight_norm=math.nan if nan else norm, loss=loss, persist_busy=busy > 0,
-                                    update_skipped=skipped, late=True)
+                                    spectral_kappa=kappa, stable_rank=srank, update_skipped=skipped, late=True)
         return grads, weights
 
     def _verdict(self, ranks: tuple[int, ...] | None, tick: int, **report: Any) -> Verdict:
@@ -254,6 +258,9 @@ class Deferred:
         if "found_inf" in self.optimizer.__dict__:
             del self.optimizer.found_inf
 
+    def _host(self, value: float | None) -> torch.Tensor:
+        return self._none if value is None else torch.tensor(float(value), dtype=torch.float64, device=self.device)
+
     def _loss(self, loss: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return _loss_stats(loss, self.device, self._none, self._zero)
 
@@ -266,7 +273,7 @@ def choose(config: Any, optimizer: Any, backend: Any, comm: Any) -> Deferred | N
     if mode == "async" and optimizer is None and config.guard_enabled:
         logger.warning("Gradience: guard_verdict='async': the verdict stays synchronous: it needs optimizer= at "
                        "initialize (a save_fn/load_fn run has no optimizer the device could steer)")
-    if mode == "sync" or optimizer is None or not config.guard_enabled:
+    if mode == "sync" or optimizer is None or not (config.guard_enabled and config.guard_check_grads):
         return None
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if mode == "auto" and (not params or params[0].device.type == "cpu"):
@@ -309,7 +316,13 @@ def missing_state(optimizer: torch.optim.Optimizer) -> bool:
     the first step): a first update skipped on the device would leave the state the optimizer allocates
     uninitialised (fused SGD's momentum buffers come from ``empty_like``), so that step must be synchronous."""
     state = optimizer.state
-    return any(p.grad is not None and not state.get(p) for g in optimizer.param_groups for p in g["params"])
+    return any(p.grad is not None and not state.get(p) for g in optimizer.param_groups if not _stateless(optimizer, g)
+               for p in g["params"])
+
+
+def _stateless(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> bool:
+    """Whether the group's updates keep no state at all (plain SGD): nothing is left uninitialised by a skip."""
+    return isinstance(optimizer, torch.optim.SGD) and not group.get("momentum")
 
 
 def _enc(norm: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Carrying out the policy's Decisions: reporting each one (skips, spikes, risk reactions, faults in monitor mode,
 the periodic telemetry), snapshots begun, committed, abandoned and written to disk, rollbacks with their restores
-and replica repair, halts, and opening a run (fresh, or resumed from its newest snapshot). Every result goes back through a :mod:`gradience.policy` transition,
-so the executor never builds or edits a GuardState itself; each action is reported to telemetry.
+and replica repair, halts, and opening a run (fresh, or resumed from its newest snapshot). Every result goes back
+through a :mod:`gradience.policy` transition, so the executor never builds or edits a GuardState itself; each
+action is reported to telemetry.
 
 Its dependencies are declared in the constructor: the snapshot store and the restore mechanics
 (:class:`~gradience.recovery.Recovery`), the group, telemetry, the config, and ``collective`` - the controller's
@@ -23,7 +24,7 @@ from gradience.snapshot import SnapshotStore, agree_all
 from gradience.telemetry import Telemetry, telemetry_filename
 from gradience.types import Action, Decision, GuardState, Phase, Reason, Verdict
 
-#: The controller's runner for collective calls: ``collective(step, fn, *args)``.
+#: The controller's runner for collective calls: ``collective(step, fn, *args, state=the guard state now)``.
 Collective = Callable[..., Any]
 
 
@@ -42,19 +43,15 @@ class Executor:
         self.next_sid = 0
         self._warned_backoff = False
         self._monitored: Any = None  # monitor mode: the fault reason last reported
-        self._ahead: tuple[int | None, dict[str, Any]] = (None, {})  # κ̃ measured ahead of its verdict, by tick
         self._at_tick: dict[int, GuardState] = {}  # snapshot id -> the guard state of its own step
 
     # ------------------------------------------------------------------------------------------ opening
     def start(self, state: GuardState, label: int, tick: int) -> GuardState:
         """*Collective.* A fresh run: clear the snapshot directory and commit the initial snapshot, on disk
         before the first step (it is the first rollback target and the first resume point)."""
-        self.collective(None, self.store.reset)
-        state = policy.on_fresh_start(state)
-        state = self.snapshot(state, label, tick, confirmed=True)
-        if state.pending is not None:  # a commit lag: not for the first target
-            state = self.commit(state, label)
-        persisted = self.collective(None, self.recovery.persist, label) if state.committed_sids else None
+        self.collective(None, self.store.reset, state=state)
+        state = self.snapshot(policy.on_fresh_start(state), label, tick, confirmed=True, initial=True)
+        persisted = self.collective(None, self.recovery.persist, label, state=state) if state.committed_sids else None
         if not state.committed_sids or persisted is False:
             error = self.store.last_error
             raise SnapshotError(f"could not commit the initial snapshot under {self.store.root}: "
@@ -72,8 +69,7 @@ class Executor:
             self.telemetry.emit("resume", step=None, path=None, detail="no committed snapshot: starting fresh")
             return None
         info, committed = resumed.info, self.store.committed()
-        state = policy.on_resume(info.extra.get("guard_state") or resumed.meta.get("guard_state"),
-                                 tuple(i.sid for i in committed))
+        state = policy.on_resume(info.extra.get("guard_state"), tuple(i.sid for i in committed))
         rec.labels.update({i.sid: i.step for i in committed})
         self.next_sid = last + 1
         self.telemetry.emit("resume", step=info.step, snapshot_id=info.sid, path=str(info.path),
@@ -106,7 +102,7 @@ class Executor:
         """What a decision tells the user before anything is done (the actions report their own results)."""
         if decision.reason is Reason.SPIKE and decision.action is Action.CONTINUE:
             self.telemetry.emit("spike", step=verdict.step, action="log", detail=decision.detail, **self.blame(verdict))
-        if decision.action is Action.SKIP_STEP:
+        if decision.action is Action.SKIP_STEP and decision.reason is not None:  # (None: the GradScaler's own)
             self.telemetry.emit("skip_step", step=verdict.step, reason=decision.reason, **self.blame(verdict),
                                 grad_norm=verdict.grad_norm, bad=bad() if bad else None, detail=decision.detail)
         if verdict.phase is not Phase.STEP:
@@ -124,17 +120,16 @@ class Executor:
 
     def _act(self, state: GuardState, decision: Decision, verdict: Verdict | None, step: int | None, tick: int,
              verified: bool) -> GuardState:
-        p = state.pending
-        if decision.action is Action.SNAPSHOT and not decision.capture and p is not None and p.tick == tick:
-            self._at_tick[p.sid] = state  # a copy taken ahead, confirmed by its own verdict just now
-        if self.store.persisting_id is not None and (decision.action is Action.HALT or (
-                verdict is not None and verdict.phase is Phase.STEP and not verdict.persist_busy)):
+        if decision.confirm_sid is not None:
+            self._at_tick[decision.confirm_sid] = state  # a copy taken ahead, confirmed by its own verdict just now
+        if decision.action is Action.HALT or (
+                verdict is not None and verdict.phase is Phase.STEP and not verdict.persist_busy):
             # Every rank sees the same verdict: the marker is written together, once no rank is still writing.
-            self.collective(step, self.recovery.persist, step)
+            self.persist(state, step)
         if decision.abandon_sid is not None:
-            state = self.abandon(state, step)
+            state = self.abandon(state, step, decision.abandon_sid)
         if decision.commit_sid is not None:
-            state = self.commit(state, step)
+            state = self.commit(state, step, decision.commit_sid)
         if decision.capture:
             state = self.snapshot(state, step, tick, confirmed=decision.action is Action.SNAPSHOT, verified=verified)
         if decision.action is Action.ROLLBACK:
@@ -143,21 +138,16 @@ class Executor:
             self.report_halt(state, decision, verdict, step)
         return state
 
-    def ahead(self, state: GuardState, step: int | None, tick: int) -> GuardState:
-        """Asynchronous verdict, the step just made (``tick``): its κ̃ when due (held for its verdict,
-        :meth:`kappa_of`), and a copy of it when a healthy verdict would make it a snapshot
+    def ahead(self, state: GuardState, step: int | None, tick: int) -> tuple[GuardState, dict[str, Any]]:
+        """Asynchronous verdict, the step just made (``tick``): its κ̃ when due (it travels with the step's flags,
+        agreed as on the synchronous path), and a copy of it when its verdict may make it a snapshot
         (:func:`policy.capture_ahead`)."""
         spectral = self._spectral
         kappa = spectral.measure() if spectral is not None and policy.spectral_due(tick, self.config, state) else {}
-        self._ahead = (tick, kappa)
-        decision = policy.capture_ahead(state, tick, kappa.get("spectral_kappa"), self.config)
+        decision = policy.capture_ahead(state, tick, self.config)
         if decision.capture:
             state = self.carry_out(state, decision, None, step=step, tick=tick)
-        return state
-
-    def kappa_of(self, tick: int | None) -> dict[str, Any]:
-        """The κ̃ measured ahead for the verdict of ``tick`` (empty when none was)."""
-        return self._ahead[1] if self._ahead[0] == tick else {}
+        return state, kappa
 
     def count_probe_errors(self, state: GuardState, verdict: Verdict, local: str | None,
                            switched_off: dict[str, str]) -> GuardState:
@@ -176,55 +166,61 @@ class Executor:
 
     # ------------------------------------------------------------------------------------------ snapshots
     def snapshot(self, state: GuardState, step: int | None, tick: int, *, confirmed: bool,
-                 verified: bool = True) -> GuardState:
+                 verified: bool = True, initial: bool = False) -> GuardState:
         """Capture the state as it is now as the next snapshot; committed at once when nothing is left to judge."""
         sid, self.next_sid = self.next_sid, self.next_sid + 1
         if confirmed:
             self._at_tick[sid] = state
-        if self.store.persisting_id is not None:  # one write in flight at a time, reported
-            self.collective(step, self.recovery.persist, step)
-        background = not confirmed or self.config.guard_snapshot_commit_lag > 0
+        self.persist(state, step)  # one write in flight at a time, reported
+        background = not (confirmed or initial) or self.config.guard_snapshot_commit_lag > 0
         self.recovery.begin(sid, step, {"lr_scale": state.lr_scale, "verified": verified, "tick": tick},
                             background=background)
         state, decision = policy.on_snapshot_begun(state, sid, tick, self.config, confirmed=confirmed,
-                                                   verified=verified)
-        return self.commit(state, step) if decision.commit_sid is not None else state
+                                                   verified=verified, initial=initial)
+        return self.commit(state, step, sid) if decision.commit_sid is not None else state
 
-    def commit(self, state: GuardState, step: int | None) -> GuardState:
-        """*Collective.* Commit the snapshot in flight. The guard state stored with it is the state of its own
-        step (the step a resumed run continues from, whatever a commit lag judged since) after its commit: a run
-        resumed from it continues exactly as the live run did from that step."""
-        pending = state.pending
-        sid = self.store.pending_id
-        verified = pending.verified if pending is not None and pending.sid == sid else True
-        own = self._at_tick.pop(sid, state)
-        stored = policy.on_snapshot_committed(own, sid, self.config, verified=verified)
-        _, ok = self.collective(step, self.recovery.commit, step, {"guard_state": stored.to_dict()})
+    def commit(self, state: GuardState, step: int | None, sid: int) -> GuardState:
+        """*Collective.* Commit snapshot ``sid`` (the one in flight). The guard state stored with it is the state
+        of its own step (the step a resumed run continues from, whatever a commit lag judged since) after its
+        commit: a run resumed from it continues exactly as the live run did from that step."""
+        _in_flight(self.store.pending_id, sid)
+        verified = state.pending.verified if state.pending is not None and state.pending.sid == sid else True
+        stored = policy.on_snapshot_committed(self._at_tick.pop(sid, state), sid, self.config, verified=verified)
+        _, ok = self.collective(step, self.recovery.commit, step, {"guard_state": stored.to_dict()}, state=state)
         if not ok:
             return policy.on_snapshot_abandoned(state, sid)
         after = policy.on_snapshot_committed(state, sid, self.config, verified=verified)
         state = policy.on_snapshots_lost(after, self.store.unrestorable())
-        self.collective(step, self.recovery.prune, state.committed_sids)
+        self.collective(step, self.recovery.prune, state.committed_sids, state=state)
         return state
 
-    def abandon(self, state: GuardState, step: int | None) -> GuardState:
-        """*Local.* Drop the snapshot in flight (every rank drops it at the same decision)."""
-        sid = self.store.pending_id
+    def abandon(self, state: GuardState, step: int | None, sid: int) -> GuardState:
+        """*Local.* Drop snapshot ``sid``, the one in flight (every rank drops it at the same decision)."""
+        _in_flight(self.store.pending_id, sid)
         self._at_tick.pop(sid, None)
         self.recovery.abandon(step)
-        return policy.on_snapshot_abandoned(state, sid) if sid is not None else state
+        return policy.on_snapshot_abandoned(state, sid)
 
-    def persist(self, step: int | None) -> None:
+    def persist(self, state: GuardState, step: int | None) -> None:
         """*Collective.* Write the marker of a snapshot committed from memory, if one is being written."""
         if self.store.persisting_id is not None:
-            self.collective(step, self.recovery.persist, step)
+            self.collective(step, self.recovery.persist, step, state=state)
 
     def finish(self, state: GuardState, step: int | None, tick: int) -> GuardState:
         """The run ended: commit a snapshot whose steps were all judged healthy, write the last marker."""
         if self.store is None:
             return state
         state = self.carry_out(state, policy.on_finalize(state), None, step=step, tick=tick)
-        self.persist(step)
+        self.persist(state, step)
+        return state
+
+    def drop_in_flight(self, state: GuardState, step: int | None) -> GuardState:
+        """*Local.* What a halt or an abort left in flight is never committed: dropped, and reported."""
+        if self.store is None:
+            return state
+        if self.store.pending_id is not None:
+            state = self.abandon(state, step, self.store.pending_id)
+        self.store.abandon_persist()
         return state
 
     # ------------------------------------------------------------------------------------------ rollbacks
@@ -236,13 +232,13 @@ class Executor:
         bad = self._bad_tensors() if faulty else None
         while decision.action is Action.ROLLBACK:
             sid = decision.target_sid
-            prepared, local_ok = self.collective(step, self.recovery.prepare_everywhere, sid)
+            prepared, local_ok = self.collective(step, self.recovery.prepare_everywhere, sid, state=state)
             if prepared is not None:
                 state = policy.on_restored(state, sid, self.config)
                 state = self._restore_everywhere(state, step, prepared)
                 divergence = verdict is not None and verdict.replica_divergence
                 if divergence:
-                    self.collective(step, self.recovery.repair_replicas)
+                    self.collective(step, self.recovery.repair_replicas, state=state)
                 self.telemetry.emit(
                     "rollback_success", step=step, to_step=self.recovery.labels.get(sid), to_snapshot=sid,
                     reason=first, lr=self._read_lr(), lr_scale=state.lr_scale, **self.blame(verdict),
@@ -254,7 +250,7 @@ class Executor:
             self.telemetry.emit("rollback_failed", step=step, to_step=self.recovery.labels.get(sid),
                                 to_snapshot=sid, reason="SNAPSHOT_UNREADABLE", local_ok=local_ok)
             state, decision = policy.on_restore_failed(state, sid, first, self.config)
-            self.collective(step, self.recovery.prune, state.committed_sids)
+            self.collective(step, self.recovery.prune, state.committed_sids, state=state)
         self.report_halt(state, decision, verdict, step)
         return state
 
@@ -265,7 +261,7 @@ class Executor:
             self.recovery.restore(prepared, state.lr_scale)
         except Exception as e:  # the model may be half-restored: no rank may train on
             error = e
-        if not self.collective(step, agree_all, self.comm, error is None):
+        if not self.collective(step, agree_all, self.comm, error is None, state=state):
             where = f"on this rank: {type(error).__name__}: {error}" if error else "on another rank"
             self.fatal(policy.on_restore_crashed(state), step, "RESTORE_FAILED", where)
             raise SnapshotError(f"restoring snapshot {prepared.step} failed {where}") from error
@@ -294,3 +290,8 @@ def blame(verdict: Verdict | None, global_ranks: tuple[int, ...]) -> dict[str, A
     g = [global_ranks[r] for r in ranks if r < len(global_ranks)]
     # Each faulty rank names its own bad tensors ("bad") in its own telemetry file.
     return {"faulty_ranks": ranks, "faulty_global_ranks": g, "evidence_in": [telemetry_filename(r) for r in g]}
+
+
+def _in_flight(pending: int | None, sid: int) -> None:
+    if pending != sid:  # the policy and the store disagree on what is in flight: a defect, never a fault
+        raise RuntimeError(f"Gradience: snapshot {sid} was to be settled, but {pending} is in flight")

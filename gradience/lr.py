@@ -9,7 +9,9 @@ that multiplies each group's LR by the scale just before the update reads it, an
 schedule's value back. Outside ``step()`` every group holds exactly what the loop/scheduler wrote, so
 schedulers (chainable ones included), checkpoints and state dicts never see the scale and cannot compound it.
 
-It also owns reading the LR for telemetry (:func:`current_lr`, :meth:`LRScale.effective_lrs`).
+A loop that owns its LR (``initialize(get_lr=, set_lr=)``) gets :class:`CallbackLR` instead, which moves the
+loop's LR by each change of the scale; :func:`apply_scale` is the one rule both follow. It also owns reading
+the LR for telemetry (:func:`lr_in_force`, :func:`current_lr`, :meth:`LRScale.effective_lrs`).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ GradienceConfig) -> (GuardState, Decision). No torch, IO or clock.
 Every rank calls these with the same agreed inputs, so every rank reaches the same Decision without a
 broadcast. The events are: a verdict (:func:`decide`, both verdict paths), a snapshot begun, committed,
 abandoned or lost (:func:`on_snapshot_begun` ...), a restore that worked or failed, probes that raised, a scaler
-overflow, a resume or a checkpoint loaded, a switch of verdict path, a collective that failed, the end of the
+overflow (in decide), a resume or a checkpoint loaded, a switch of verdict path, a collective that failed, the end of the
 run. The controller measures and agrees, the executor carries decisions out and reports each result back here.
 
 A snapshot's life is decided here too, the same way on both verdict paths: a SNAPSHOT decision of the step
@@ -41,27 +41,28 @@ def decide(state: GuardState, verdict: Verdict, config: GradienceConfig) -> tupl
 
 def _settle_pending(state: GuardState, decision: Decision, verdict: Verdict) -> tuple[GuardState, Decision]:
     """The snapshot in flight after this verdict: dropped by a fault, confirmed or dropped by the verdict of its
-    own tick (taken ahead), committed once the verdict of its commit tick was healthy."""
+    own tick (taken ahead), committed once the verdict of its commit tick was healthy. It stays in the state until
+    the executor reports the commit or the drop (:func:`on_snapshot_committed`, :func:`on_snapshot_abandoned`)."""
     p = state.pending
     if p is None:
         return state, decision
     if decision.action in (Action.ROLLBACK, Action.HALT):
-        return _replace(state, pending=None), _replace(decision, abandon_sid=p.sid)
+        return state, _replace(decision, abandon_sid=p.sid)
     if verdict.phase is not Phase.STEP:
         return state, decision
     tick = _tick(verdict)
     if not p.confirmed and p.tick == tick:
         if decision.action is not Action.SNAPSHOT:  # a skipped update, or not a snapshot step after all
-            return _replace(state, pending=None), _replace(decision, abandon_sid=p.sid)
+            return state, _replace(decision, abandon_sid=p.sid)
         p = _replace(p, confirmed=True)
-        state, decision = _replace(state, pending=p), _replace(decision, capture=False)
+        state, decision = _replace(state, pending=p), _replace(decision, capture=False, confirm_sid=p.sid)
     elif decision.action is Action.SNAPSHOT:
         # One snapshot in flight at a time: a snapshot step (a risk reaction's) that comes while an older one
         # still waits for its commit lag is not taken. The asynchronous path, which copies a step before its
         # verdict, could not take it either.
         decision = _replace(decision, action=Action.CONTINUE, capture=False)
     if p.confirmed and tick >= p.commit_tick:
-        return _replace(state, pending=None), _replace(decision, commit_sid=p.sid)
+        return state, _replace(decision, commit_sid=p.sid)
     return state, decision
 
 
@@ -80,6 +81,10 @@ def _judge(state: GuardState, verdict: Verdict, config: GradienceConfig) -> tupl
                 return state, Decision(action=Action.CONTINUE, reason=reason, lr_scale=state.lr_scale, detail=detail)
     if reason is None and _reacting(verdict, config) and state.risk_level == RiskLevel.INSTABILITY.value:
         reason = Reason.SPECTRAL_INSTABILITY
+    if reason is None and verdict.phase is Phase.GRADS and verdict.scaler_overflow:
+        # The GradScaler skips this update by design (and lowers its scale): not a fault, but not applied either.
+        state = _replace(state, scaler_skipped_steps=state.scaler_skipped_steps + 1)
+        return state, Decision(action=Action.SKIP_STEP, lr_scale=state.lr_scale)
     if reason is None:
         return _healthy(state, verdict, config)
     if reason is Reason.PROBE_ERROR:
@@ -237,28 +242,27 @@ def on_restore_crashed(state: GuardState) -> GuardState:
 
 
 def on_snapshot_begun(state: GuardState, sid: int, tick: int, config: GradienceConfig, *, confirmed: bool,
-                      verified: bool = True) -> tuple[GuardState, Decision]:
-    """The state of ``tick`` was captured as snapshot ``sid``; commit it now when nothing is left to judge."""
+                      verified: bool = True, initial: bool = False) -> tuple[GuardState, Decision]:
+    """The state of ``tick`` was captured as snapshot ``sid``; commit it now when nothing is left to judge (no
+    commit lag, or ``initial``: the run's first target, taken before any step)."""
     pending = PendingSnapshot(sid=sid, tick=tick, commit_tick=tick + config.guard_snapshot_commit_lag,
-                              confirmed=confirmed, verified=verified)
-    if confirmed and config.guard_snapshot_commit_lag == 0:
-        return _replace(state, pending=None), Decision(action=Action.CONTINUE, lr_scale=state.lr_scale,
-                                                       commit_sid=sid)
-    return _replace(state, pending=pending), Decision(action=Action.CONTINUE, lr_scale=state.lr_scale)
+                              confirmed=confirmed or initial, verified=verified)
+    now = initial or (confirmed and config.guard_snapshot_commit_lag == 0)
+    return _replace(state, pending=pending), Decision(action=Action.CONTINUE, lr_scale=state.lr_scale,
+                                                      commit_sid=sid if now else None)
 
 
-def capture_ahead(state: GuardState, tick: int, kappa: float | None, config: GradienceConfig) -> Decision:
-    """Asynchronous verdict: whether to copy the state of ``tick`` before it is judged (``capture``), because a
-    healthy verdict of it (with this κ̃) would make it a snapshot. Exact: that verdict is decided from this very
-    state. Not while an older snapshot still waits for its commit lag."""
+def capture_ahead(state: GuardState, tick: int, config: GradienceConfig) -> Decision:
+    """Asynchronous verdict: whether to copy the state of ``tick`` before it is judged (``capture``): a healthy
+    verdict of it would make it a snapshot, or it carries a κ̃ probe while risk reactions are on (its verdict,
+    with the κ̃ every rank agreed on, may call for a reaction's snapshot). Decided from what every rank holds
+    alike, so every rank copies the same steps; not while an older snapshot still waits for its commit lag."""
     none = Decision(action=Action.CONTINUE, lr_scale=state.lr_scale)
-    if state.halted or not config.guard_enabled:
+    if state.halted or not config.guard_enabled or state.pending is not None:
         return none
-    probe = Verdict(phase=Phase.STEP, step=tick, tick=tick, spectral_kappa=kappa)
-    if not _judge(state, probe, config)[1].capture:
-        return none
-    # One snapshot in flight at a time (see _settle_pending): by now an older one was judged up to the step before.
-    return none if state.pending is not None else _replace(none, capture=True)
+    probe = Verdict(phase=Phase.STEP, step=tick, tick=tick)
+    reaction = config.risk_reactions and spectral_due(tick, config, state)
+    return _replace(none, capture=True) if reaction or _judge(state, probe, config)[1].capture else none
 
 
 def on_snapshot_committed(state: GuardState, sid: int, config: GradienceConfig, *,
@@ -340,11 +344,6 @@ def on_probe_errors(state: GuardState, phase: Phase, error: bool, config: Gradie
     off = streaks[i] >= config.probe_error_limit and phase.value not in state.disabled_checks
     disabled = state.disabled_checks + ((phase.value,) if off else ())
     return _replace(state, probe_error_streaks=tuple(streaks), disabled_checks=disabled), off
-
-
-def on_scaler_overflow(state: GuardState) -> GuardState:
-    """A GradScaler found inf/NaN and skips the update itself (by design, not a fault)."""
-    return _replace(state, scaler_skipped_steps=state.scaler_skipped_steps + 1)
 
 
 def on_verdict_path(state: GuardState, path: str) -> GuardState:

@@ -1,10 +1,10 @@
-"""Carrying out snapshots and restores for the controller: what a rank captures, how a snapshot is begun,
+"""The mechanics of snapshots and restores under the executor: what a rank captures, how a snapshot is begun,
 committed or abandoned, how a verified shard is put back (model, optimizer, LR in force) and how diverged
-replicas are made bitwise equal again. It owns no policy: the controller decides, this module acts and
-reports each result to telemetry.
+replicas are made bitwise equal again. It owns no policy: the policy decides, the executor
+(:mod:`gradience.executor`) calls this module, which acts and reports each result to telemetry.
 
-Snapshots are keyed by an id the controller hands out in call order (its own clock), never by the loop's
-step number, which is only a label: loops that restart ``enumerate`` each epoch repeat step numbers.
+Snapshots are keyed by an id (``sid``) the executor hands out in order, never by the loop's step number,
+which is only a label: loops that restart ``enumerate`` each epoch repeat step numbers.
 """
 
 from __future__ import annotations
@@ -62,11 +62,6 @@ class Recovery:
             copy = background or self.config.guard_snapshot_hot != "off"
             self.store.begin(sid, step=label, meta=meta, background=background,
                              capture=lambda where: t.backend.capture(copy=copy, where=where))
-
-    @property
-    def pending(self) -> int | None:
-        """Id of the snapshot begun and not yet committed or abandoned."""
-        return self.store.pending_id
 
     def commit(self, at_label: int | None, extra: dict[str, Any]) -> tuple[int, bool]:
         """*Collective.* Commit the in-flight snapshot with ``extra`` in its marker (JSON, the same on every rank);

@@ -38,7 +38,7 @@ def resume_latest(store: SnapshotStore, comm: Comm, prepare_everywhere: Any,
     """*Collective.* Restore the newest committed snapshot whose shards verify on every rank.
 
     ``prepare_everywhere(sid) -> (prepared | None, local_ok)`` and ``apply(prepared)`` come from the caller
-    (the controller's recovery). Snapshots are tried newest first; one written by another world size is an
+    (the executor's :class:`~gradience.recovery.Recovery`). Snapshots are tried newest first; one written by another world size is an
     error (its shards cannot be mapped onto these ranks). Returns None when nothing committed is left.
     """
     for info in reversed(store.committed()):

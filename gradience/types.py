@@ -183,6 +183,8 @@ class Decision:
     #: Take a snapshot of the state as it is now (a SNAPSHOT of the step just judged, or the asynchronous
     #: verdict's copy of a step that may become one once judged).
     capture: bool = False
+    #: The snapshot of the step just judged, copied ahead of its verdict (asynchronous), is confirmed by it.
+    confirm_sid: int | None = None
     #: Commit this snapshot now: its own step and its commit lag were judged healthy.
     commit_sid: int | None = None
     #: Drop this snapshot now: a fault came before its commit, or its step was not a snapshot after all.
@@ -292,8 +294,6 @@ class GuardState:
 
             d["spike_state"] = SpikeState.from_dict(d["spike_state"])
         return cls(**d)
-
-
 
 
 #: GuardState fields renamed since format 2 of the guard state (old name -> new name).

@@ -437,3 +437,27 @@ def test_a_checkpoint_loaded_before_or_after_initialize_keeps_the_guards_clock(t
     ctl.initialize(make_mlp(), optimizer=torch.optim.AdamW(model.parameters()))
     assert ctl.tick == 39
     ctl.close()
+
+
+@pytest.mark.parametrize("lag", [0, 2])
+def test_a_snapshot_not_compared_across_replicas_commits_without_closing_the_episode(tmp_path, lag):
+    """With fingerprints on, a snapshot whose state was not compared (a risk reaction's between fingerprint
+    ticks, a switched-off check) may already hold a divergence: it is a target, but it must not refill the budget."""
+    import dataclasses
+
+    from gradience import policy
+    from gradience.types import Phase, Verdict
+
+    model = torch.nn.Linear(4, 2)
+    ctl = GradienceController(out_dir=str(tmp_path), guard_verdict="sync", spectral_enabled=False,
+                              guard_snapshot_interval=5, guard_snapshot_commit_lag=lag, fingerprint_interval=5)
+    ctl.initialize(model, optimizer=torch.optim.AdamW(model.parameters()))
+    open_episode = dataclasses.replace(ctl.state, episode_sid=ctl.state.committed_sids[-1], episode_rollbacks=1)
+    s = ctl.executor.snapshot(open_episode, 7, 7, confirmed=True, verified=False)
+    for tick in range(8, 8 + lag):
+        s, decision = policy.decide(s, Verdict(phase=Phase.STEP, step=tick, tick=tick), ctl.config)
+        s = ctl.executor.carry_out(s, decision, None, step=tick, tick=tick)
+    assert s.pending is None and s.committed_sids[-1] == 1
+    assert (s.episode_rollbacks, s.episode_sid) == (1, 0)
+    ctl.state = s
+    ctl.finalize()

@@ -659,8 +659,10 @@ def test_every_transition_keeps_the_state_json_round_trip():
     s = policy.on_snapshot_committed(GuardState(), 0, CFG)
     s, d = policy.on_snapshot_begun(s, 1, 10, CFG.replace(guard_snapshot_commit_lag=2), confirmed=False)
     s, _ = policy.on_probe_errors(s, Phase.STEP, True, CFG)
-    s = policy.on_scaler_overflow(policy.on_verdict_path(s, "async"))
+    s, d = policy.decide(policy.on_verdict_path(s, "async"), grads(11, scaler_overflow=True), CFG)
+    assert (d.action, d.reason) == (Action.SKIP_STEP, None)  # the GradScaler's own skip: not a fault
     assert (s.pending.sid, s.pending.commit_tick, s.probe_error_streaks, s.scaler_skipped_steps) == (1, 12, (0, 1), 1)
+    assert (s.skipped_steps, s.first_fault_step, s.verdict_path) == (0, None, "async")
     assert GuardState.from_dict(json.loads(json.dumps(s.to_dict()))) == s
     # A state stored by format 2 (committed, episode_target) still loads.
     old = {k: v for k, v in s.to_dict().items() if k not in ("committed_sids", "episode_sid")}
@@ -668,7 +670,7 @@ def test_every_transition_keeps_the_state_json_round_trip():
 
 
 PENDING_TABLE = [
-    # id, pending, verdict, expected (commit_sid, abandon_sid, capture, pending afterwards)
+    # id, pending, verdict, expected (commit_sid, abandon_sid, capture, pending once the executor reported)
     ("sync_due_captures", None, after(20), (None, None, True, None)),
     ("lag_waits", dict(sid=3, tick=20, commit_tick=22, confirmed=True), after(21), (None, None, False, 3)),
     ("one_in_flight_newer_not_taken", dict(sid=3, tick=29, commit_tick=31, confirmed=True), after(30),
@@ -698,8 +700,17 @@ def test_a_snapshot_in_flight_is_confirmed_committed_or_dropped_by_the_verdicts(
     cfg = CFG.replace(guard_snapshot_interval=10)
     s = with_snaps(0, pending=PendingSnapshot(**pending) if pending else None)
     s, d = policy.decide(s, verdict, cfg)
+    # The snapshot stays in flight until the executor reports the commit or the drop.
+    if d.commit_sid is not None:
+        assert s.pending.sid == d.commit_sid
+        s = policy.on_snapshot_committed(s, d.commit_sid, cfg)
+    if d.abandon_sid is not None:
+        assert s.pending.sid == d.abandon_sid
+        s = policy.on_snapshot_abandoned(s, d.abandon_sid)
     got = (d.commit_sid, d.abandon_sid, d.capture, s.pending.sid if s.pending else None)
     assert got == expected
+    confirmed = pending is not None and not pending["confirmed"] and d.abandon_sid is None and verdict.late
+    assert d.confirm_sid == (pending["sid"] if confirmed else None)
 
 
 def test_the_controller_is_one_class_of_at_most_400_lines_without_mixins():

@@ -59,7 +59,7 @@ def _train(path: str, schedule: dict, config: dict, out: Path, *, rank: int = 0,
     ctl = GradienceController(out_dir=str(out), comm=comm, guard_verdict=path, spectral_enabled=False,
                               spike_action="off", **{k: v for k, v in config.items() if k != "optimizer"})
     ctl.initialize(model, optimizer=opt)
-    halted_at, gate_rollbacks = None, set()
+    halted_at, gate_rollbacks, paths = None, set(), []
     for step in range(STEPS):
         if step in leave_out:
             continue
@@ -74,6 +74,7 @@ def _train(path: str, schedule: dict, config: dict, out: Path, *, rank: int = 0,
         ctl.before_optimizer_step(model, opt, step=step, loss=loss.detach())
         if ctl.state.total_rollbacks != rollbacks:
             gate_rollbacks.add(step)
+        paths.append(ctl.state.verdict_path)
         opt.step()
         reported = _inject(kind or "", "step", model, loss.detach())
         if not ctl.step(step, reported, model):
@@ -81,7 +82,7 @@ def _train(path: str, schedule: dict, config: dict, out: Path, *, rank: int = 0,
             break
     summary = ctl.finalize()
     return {"summary": summary["guard"], "halted_at": halted_at, "state": state_copy(model, opt),
-            "events": _actions(out, rank), "path": ctl.state.verdict_path, "gate_rollbacks": gate_rollbacks}
+            "events": _actions(out, rank), "paths": paths, "gate_rollbacks": gate_rollbacks}
 
 
 def _in_domain(schedule: dict, sync: dict) -> bool:
@@ -99,7 +100,8 @@ def _actions(out: Path, rank: int) -> dict:
                  for e in events(out, "rollback_success", rank)]
     discarded = {e["step"] for e in events(out, "rollback_success", rank) if e["step"] != e.get("verdict_step")}
     halts = [e["reason"] for e in events(out, "abort", rank)]
-    return {"skips": skips, "rollbacks": rollbacks, "halts": halts, "discarded": discarded}
+    snapshots = [e["step"] for e in events(out, "snapshot", rank) if e["committed"]]
+    return {"skips": skips, "rollbacks": rollbacks, "halts": halts, "snapshots": snapshots, "discarded": discarded}
 
 
 def _compare(sync: dict, late: dict) -> None:
@@ -107,7 +109,7 @@ def _compare(sync: dict, late: dict) -> None:
     for key in ("integrity_status", "total_rollbacks", "total_skipped_steps", "lr_scale", "halt_reason",
                 "first_fault_step", "snapshots"):
         assert a[key] == b[key], (key, a[key], b[key], sync["events"], late["events"])
-    for key in ("skips", "rollbacks", "halts"):
+    for key in ("skips", "rollbacks", "halts", "snapshots"):
         assert sync["events"][key] == late["events"][key], (key, sync["events"], late["events"])
     if sync["halted_at"] is None:
         assert late["halted_at"] is None
@@ -125,7 +127,7 @@ CONFIGS = st.fixed_dictionaries({
     "guard_snapshot_interval": st.integers(2, 5),
     "guard_max_rollbacks": st.integers(0, 3),
     "guard_max_consecutive_skips": st.integers(1, 4),
-    "guard_snapshot_commit_lag": st.integers(0, 1),
+    "guard_snapshot_commit_lag": st.integers(0, 1),  # below every interval drawn
     "guard_snapshot_tier": st.sampled_from(["disk", "memory"]),
 })
 
@@ -151,11 +153,10 @@ PROPS = settings(max_examples=250, deadline=None, suppress_health_check=[HealthC
 @PROPS
 @given(config=CONFIGS, schedule=schedules(1))
 def test_one_rank_sync_and_async_agree_up_to_the_documented_lag(config, schedule):
-    if config["guard_snapshot_commit_lag"] >= config["guard_snapshot_interval"]:
-        config = {**config, "guard_snapshot_commit_lag": 0}
     with tempfile.TemporaryDirectory() as tmp:
         late = _train("async", schedule, config, Path(tmp) / "async")
-        assert late["path"] == "async" or late["halted_at"] is not None or late["summary"]["halt_reason"]
+        if (0, 0) not in schedule and len(late["paths"]) > 1:  # the first update makes the optimizer state
+            assert late["paths"][1] == "async"
         sync = _train("sync", schedule, config, Path(tmp) / "sync", leave_out=frozenset(late["events"]["discarded"]))
     assume(_in_domain(schedule, sync))
     _compare(sync, late)
@@ -172,7 +173,6 @@ def groups2():
                                                                    HealthCheck.function_scoped_fixture])
 @given(config=CONFIGS, schedule=schedules(2))
 def test_two_ranks_sync_and_async_agree_up_to_the_documented_lag(groups2, config, schedule):
-    config = {**config, "guard_snapshot_commit_lag": 0}
     with tempfile.TemporaryDirectory() as tmp:
         def run(path: str, leave_out: frozenset = frozenset()):
             def rank_fn(rank, group):
