@@ -461,3 +461,22 @@ def test_a_snapshot_not_compared_across_replicas_commits_without_closing_the_epi
     assert (s.episode_rollbacks, s.episode_sid) == (1, 0)
     ctl.state = s
     ctl.finalize()
+
+
+def test_a_persistent_gradient_fault_halts_on_both_paths_with_the_same_budget(tmp_path):
+    """NaN gradients on every step from step 20 (the report: 48 rollbacks, LR scale 3.6e-15 and exit 0 under the
+    asynchronous verdict): both paths halt with exit status 3 after guard_max_rollbacks rollbacks."""
+    out = {}
+    for mode in ("sync", "async"):
+        model = make_mlp()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+        ctl = GradienceController(out_dir=str(tmp_path / mode), guard_verdict=mode, guard_snapshot_interval=4,
+                                  spectral_enabled=False)
+        res = run_loop(model, mlp_loss, ctl, steps=600, optimizer=opt,
+                       on_grads=lambda s, m: m[2].bias.grad.fill_(float("nan")) if s >= 20 else None)
+        g = res["summary"]["guard"]
+        out[mode] = (res["stopped_at"], ctl.exit_code, g["halt_reason"], g["total_rollbacks"], g["lr_scale"])
+    sync, late = out["sync"], out["async"]
+    assert sync[1:] == late[1:] == (3, "ROLLBACK_BUDGET_EXHAUSTED", 3, 0.125)
+    # One step later per rollback (each discards the step in flight), plus the one-step lag of the verdict.
+    assert late[0] - sync[0] == 3 + 1
