@@ -58,7 +58,7 @@ def main() -> int:
         return finish(2)
     if scenario == "resume":
         result.update(resumed_step=ctl.resumed_step, lr_scale=ctl.lr_scale,
-                      total_rollbacks=ctl.state.total_rollbacks,
+                      total_rollbacks=ctl.state.total_rollbacks, guard_state=ctl.state.to_dict(),
                       weights=[p.detach().tolist() for p in model.parameters()])
     steps = int(os.environ.get("STEPS", "12"))
     first = ctl.resumed_step + 1 if ctl.resumed_step is not None else 0
@@ -99,6 +99,8 @@ def main() -> int:
                     model[0].weight.view(-1)[0] = float("nan")
             if not ctl.step(step, loss, model):
                 break
+            if scenario.startswith("crash"):  # the live guard state after each step, for the resumed run to match
+                result.setdefault("live", {})[step] = ctl.state.to_dict()
         result["status"] = "finished"
     except CollectiveError as e:
         result["status"] = type(e).__name__

@@ -721,3 +721,66 @@ def test_the_controller_is_one_class_of_at_most_400_lines_without_mixins():
     source = inspect.getsource(controller)
     assert len(source.splitlines()) <= 400
     assert controller.GradienceController.__bases__ == (object,)
+
+
+def _pending(**kw):
+    from gradience.types import PendingSnapshot
+
+    return PendingSnapshot(**{"sid": 9, "tick": 40, "commit_tick": 40, "confirmed": True, **kw})
+
+
+LIVE = with_snaps(0, 3, episode_sid=3, episode_rollbacks=2, total_rollbacks=2, lr_scale=0.25, pending=_pending())
+TRANSITIONS = [
+    # id, transition applied to LIVE, what must hold afterwards
+    ("resume", lambda s: policy.on_resume(s.to_dict(), (3, 5)),
+     lambda s: (s.committed_sids, s.episode_sid, s.pending, s.halted, s.lr_scale, s.total_rollbacks)
+     == ((3, 5), None, None, False, 0.25, 2)),
+    ("resume_nothing_stored", lambda s: policy.on_resume(None, (1,)),
+     lambda s: s == dataclasses.replace(GuardState(), committed_sids=(1,))),
+    ("checkpoint_before_initialize", lambda s: policy.on_checkpoint_loaded(
+        with_snaps(7, lr_scale=0.5).to_dict(), None), lambda s: (s.committed_sids, s.lr_scale) == ((7,), 0.5)),
+    ("checkpoint_after_initialize_keeps_this_runs_snapshots", lambda s: policy.on_checkpoint_loaded(
+        with_snaps(7, lr_scale=0.5).to_dict(), s),
+     lambda s: (s.committed_sids, s.episode_sid, s.pending, s.lr_scale) == ((0, 3), 3, _pending(), 0.5)),
+    ("fresh_start_forgets_snapshots", policy.on_fresh_start,
+     lambda s: (s.committed_sids, s.episode_sid, s.pending, s.lr_scale) == ((), None, None, 0.25)),
+    ("abort", lambda s: policy.on_abort(s, Reason.CONSENSUS_TIMEOUT),
+     lambda s: (s.halted, s.halt_reason) == (True, Reason.CONSENSUS_TIMEOUT)),
+    ("abort_keeps_the_first_reason", lambda s: policy.on_abort(policy.on_abort(s, Reason.TERMINATED),
+                                                              Reason.CONSENSUS_TIMEOUT),
+     lambda s: s.halt_reason is Reason.TERMINATED),
+    ("restore_crashed", policy.on_restore_crashed, lambda s: (s.halted, s.halt_reason) == (True,
+                                                                                         Reason.RESTORE_FAILED)),
+    ("snapshots_lost", lambda s: policy.on_snapshots_lost(s, {3}), lambda s: s.committed_sids == (0,)),
+    ("abandoned", lambda s: policy.on_snapshot_abandoned(s, 9), lambda s: (s.pending, s.committed_sids) == (
+        None, (0, 3))),
+    ("verdict_path", lambda s: policy.on_verdict_path(s, "async"), lambda s: s.verdict_path == "async"),
+    ("restored", lambda s: policy.on_restored(s, 3, CFG),
+     lambda s: (s.lr_scale, s.total_rollbacks, s.episode_rollbacks, s.episode_sid) == (0.125, 3, 3, 3)),
+]
+
+
+@pytest.mark.parametrize(("transition", "holds"), [c[1:] for c in TRANSITIONS], ids=[c[0] for c in TRANSITIONS])
+def test_transition_table(transition, holds):
+    after_ = transition(LIVE)
+    assert holds(after_)
+    assert GuardState.from_dict(json.loads(json.dumps(after_.to_dict()))) == after_
+
+
+@pytest.mark.parametrize(("streak", "error", "expected"), [
+    ((0, 0), False, ((0, 0), (), False)),
+    ((2, 0), False, ((0, 0), (), False)),
+    ((0, 1), True, ((0, 2), (), False)),
+    ((0, 2), True, ((0, 3), ("step",), True)),  # probe_error_limit (3) in a row: switched off on every rank
+])
+def test_probe_errors_table(streak, error, expected):
+    phase = Phase.GRADS if streak[0] else Phase.STEP
+    s, off = policy.on_probe_errors(GuardState(probe_error_streaks=streak), phase, error, CFG)
+    assert (s.probe_error_streaks, s.disabled_checks, off) == expected
+
+
+@pytest.mark.parametrize(("pending", "expected"), [
+    (None, (None, None)), (_pending(confirmed=True), (9, None)), (_pending(confirmed=False), (None, 9))])
+def test_finalize_commits_a_judged_snapshot_and_drops_one_taken_ahead(pending, expected):
+    d = policy.on_finalize(dataclasses.replace(GuardState(), pending=pending))
+    assert (d.commit_sid, d.abandon_sid) == expected

@@ -27,6 +27,7 @@ def test_a_killed_run_resumes_from_the_newest_complete_snapshot(tmp_path, crash,
         assert load_snapshot(tmp_path, model, rank=rank) == expect_step
         expected.append([p.detach().tolist() for p in model.parameters()])
 
+    live = result(tmp_path, 0)["live"][str(expect_step)]  # the survivor's guard state right after that step
     procs = launch("resume", tmp_path, GUARD_TIMEOUT="10", STEPS="16")
     outs = [wait(p, 90) for p in procs]
     for rank in (0, 1):
@@ -34,8 +35,11 @@ def test_a_killed_run_resumes_from_the_newest_complete_snapshot(tmp_path, crash,
         assert r["status"] == "finished", outs[rank][1][-3000:]
         assert r["resumed_step"] == expect_step
         assert r["weights"] == expected[rank]  # bitwise: the same floats, read back as JSON
-        # The rollback at step 6 (before the crash) still counts, and its LR backoff is still in force.
-        assert (r["lr_scale"], r["total_rollbacks"]) == (0.5, 1)
+        # The rollback at step 6 (before the crash) still counts, and its LR backoff is still in force; the
+        # snapshot of step 8 closed that episode, so the budget is whole again, as it was in the live run.
+        assert (r["lr_scale"], r["total_rollbacks"], r["guard_state"]["episode_rollbacks"]) == (0.5, 1, 0)
+        assert {k: v for k, v in r["guard_state"].items() if k != "committed_sids"} == {
+            k: v for k, v in live.items() if k != "committed_sids"}
         g = r["summary"]["guard"]
         assert (g["integrity_status"], g["lr_scale"], g["total_rollbacks"]) == ("RECOVERED", 0.5, 1)
         assert r["summary"]["final_step"] == 15
