@@ -480,3 +480,26 @@ def test_a_persistent_gradient_fault_halts_on_both_paths_with_the_same_budget(tm
     assert sync[1:] == late[1:] == (3, "ROLLBACK_BUDGET_EXHAUSTED", 3, 0.125)
     # One step later per rollback (each discards the step in flight), plus the one-step lag of the verdict.
     assert late[0] - sync[0] == 3 + 1
+
+
+def _skip_then_weight_fault(rank: int, out, mode: str, comm=None) -> tuple[list, list]:
+    model = make_mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    ctl = GradienceController(out_dir=str(out), comm=comm, guard_verdict=mode, guard_snapshot_interval=3,
+                              spectral_enabled=False)
+    _fused_loop(ctl, model, opt, 12,
+                on_grads=lambda s, m: m[2].bias.grad.fill_(float("nan")) if s == 5 and rank == 0 else None,
+                on_update=lambda s, m: poison("0.weight")(m) if s == 9 and rank == 0 else None)
+    snaps = [e["step"] for e in events(out, "snapshot", rank) if e["committed"]]
+    return snaps, [e["to_step"] for e in events(out, "rollback_success", rank)]
+
+
+def test_the_snapshot_after_a_skip_is_taken_on_both_paths(tmp_path, groups2):
+    """A NaN gradient at step 5, a NaN weight after step 9, snapshots every 3 steps: the step that reads step 5's
+    skip must not pass it on to its own snapshot (the report: async never took step 6 and rolled back to 3)."""
+    for mode in ("sync", "async"):
+        snaps, targets = _skip_then_weight_fault(0, tmp_path / mode, mode)
+        assert snaps[:4] == [-1, 0, 3, 6] and targets == [6], mode
+        ranks = run_ranks(groups2, lambda r, g, mode=mode: _skip_then_weight_fault(
+            r, tmp_path / f"{mode}2", mode, TorchComm(g, timeout_s=30)))
+        assert ranks[0] == ranks[1] and ranks[0][0][:4] == [-1, 0, 3, 6] and ranks[0][1] == [6], (mode, ranks)
