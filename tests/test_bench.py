@@ -25,6 +25,9 @@ def test_overhead_bench_prints_every_arm_and_writes_the_documented_json(capsys, 
         assert {"step_ms", "in_call_ms", "in_call_pct", "end_to_end_pct", "end_to_end_range_pct"} <= set(arm)
         assert 0 < arm["in_call_ms"] < arm["step_ms"]  # the guard's calls are timed inside the step
     assert 0 < r["fixed"]["in_call_ms"] and set(r["rollback"]) == {"hot", "disk"}
+    # The guard's tensor ops per steady-state step, counted (10 on the synchronous path on this revision): ops
+    # added to every step show here without timing noise.
+    assert 0 < r["fixed"]["ops_per_step"] <= 16 and "tensor ops dispatched" in out
     assert all(x["rollback_ms"] > 0 and x["in_steps"] > 0 for x in r["rollback"].values())
     assert [x["detected_after"] for x in r["rollback"].values()] == [1, 1]  # synchronous: in the same step call
     assert r["persist_ms"]["n"] >= 1 and r["persist_ms"]["median"] > 0  # the initial snapshots were written

@@ -252,9 +252,36 @@ def _fixed_cost(device: torch.device, out: Path, steps: int, args: argparse.Name
     g.initialize(model, optimizer=opt)
     _block(model, opt, batches, train_step, g, 0, device)  # warm-up
     runs = [_block(model, opt, batches, train_step, g, steps * (i + 1), device) for i in range(3)]
+    ops = _ops_per_step(model, opt, x, train_step, g, steps * 4)
     g.finalize()
     return {"step_ms": 1e3 * statistics.median(s for s, _ in runs),
-            "in_call_ms": 1e3 * statistics.median(i for _, i in runs)}
+            "in_call_ms": 1e3 * statistics.median(i for _, i in runs), "ops_per_step": ops}
+
+
+def _ops_per_step(model, optimizer, x, train_step, g, start: int) -> int:
+    """Tensor ops the guard's calls dispatch in one steady-state step (each at least one kernel launch on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for i in range(3):
+        loss = train_step(model, x)
+        loss.backward()
+        Count.n = 0
+        with Count():
+            g.before_optimizer_step(model, optimizer, loss=loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with Count():
+            g.step(start + i, loss, model)
+        counts.append(Count.n)
+    return min(counts)
 
 
 def _rollbacks(model, optimizer, batches, train_step, device, out: Path, n: int, verdict: str) -> dict[str, Any]:
@@ -358,7 +385,7 @@ def _print(r: dict[str, Any]) -> None:
     f = r["fixed"]
     if f is not None:
         print(f"fixed per-step cost (2-layer MLP, step {f['step_ms']:.3f} ms): {f['in_call_ms']:.3f} ms in the "
-              "guard's calls")
+              f"guard's calls, {f.get('ops_per_step')} tensor ops dispatched")
     if r.get("snapshot_bytes_per_rank"):
         ranks = m.get("fsdp2_ranks")
         print(f"snapshot per rank: {r['snapshot_bytes_per_rank'] / 1e3:.0f} KB"
