@@ -14,7 +14,8 @@ from gradience.errors import (
     GuardHalted,
     SnapshotError,
 )
-from gradience.types import Action, Decision, GuardState, Reason, RiskLevel, Verdict
+from gradience.risk import RiskLevel
+from gradience.types import Action, Decision, GuardState, Reason, Verdict
 
 __version__ = "0.1.0"
 

@@ -19,7 +19,7 @@ from gradience.recovery import Recovery, Target
 from gradience.rundir import snapshot_root, world_size
 from gradience.sinks import make_sinks
 from gradience.snapshot import SnapshotStore
-from gradience.spectral_monitor import SpectralMonitor, shard_reduce
+from gradience.spectral.monitor import SpectralMonitor, shard_reduce
 from gradience.telemetry import Telemetry
 
 logger = logging.getLogger("gradience")

@@ -375,3 +375,11 @@ def exit_process(status: int = 0) -> None:
         except Exception:  # a closed or broken stream must not keep the process alive
             pass
     os._exit(status)
+
+
+def agree_all(comm: Comm, ok: bool) -> bool:
+    """*Collective.* True on every rank iff ``ok`` on every rank (one MAX all-reduce of the failure flag)."""
+    if comm.world_size == 1:
+        return ok
+    flag = comm.all_reduce_max(torch.tensor([0.0 if ok else 1.0], dtype=torch.float64))
+    return bool(flag[0] == 0)

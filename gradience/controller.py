@@ -31,7 +31,7 @@ from gradience.probe import probe_gate, probe_step
 from gradience.recovery import Recovery, Target, check_replicas
 from gradience.rundir import RunLock, lock_everywhere
 from gradience.snapshot import SnapshotStore
-from gradience.spectral_monitor import SpectralMonitor
+from gradience.spectral.monitor import SpectralMonitor
 from gradience.telemetry import Telemetry
 from gradience.types import Action, Decision, GuardState, Phase, ProbeReport, Reason, Verdict
 

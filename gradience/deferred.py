@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from gradience.backends import PlainBackend
 from gradience.comm import KINDS
 from gradience.consensus import alone
 from gradience.errors import CollectiveMismatch, ConsensusTimeout
@@ -55,8 +56,6 @@ _GRADS, _STEP = KINDS.index("check:grads") + 1, KINDS.index("check:step") + 1
 
 def refusal(config: Any, optimizer: Any, backend: Any, comm: Any) -> str | None:
     """Why this run cannot decide on the device (None: it can)."""
-    from gradience.backends import PlainBackend
-
     if not getattr(optimizer, "_step_supports_amp_scaling", False):
         return "the optimizer does not read found_inf (use a fused torch optimizer, e.g. AdamW(fused=True))"
     if not isinstance(backend, PlainBackend):

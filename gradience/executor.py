@@ -16,11 +16,12 @@ from collections.abc import Callable
 from typing import Any
 
 from gradience import policy
+from gradience.comm import agree_all
 from gradience.config import GradienceConfig
 from gradience.errors import SnapshotError
 from gradience.recovery import Recovery, check_backoff_target
 from gradience.resume import Resumed, resume_latest
-from gradience.snapshot import SnapshotStore, agree_all
+from gradience.snapshot import SnapshotStore
 from gradience.telemetry import Telemetry, telemetry_filename
 from gradience.types import Action, Decision, GuardState, Phase, Reason, Verdict
 

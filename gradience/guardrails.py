@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from gradience.errors import ConfigError
+
 logger = logging.getLogger("gradience")
 
 
@@ -142,8 +144,6 @@ def watch_join() -> None:
 def refuse_inside_join() -> None:
     """Raise ConfigError (before any collective, so no rank waits) when called inside a ``Join`` context."""
     if _join_depth > 0:
-        from gradience.errors import ConfigError
-
         raise ConfigError("Gradience does not support DDP join() (uneven inputs): a rank that ran out of batches "
                           "would leave the others waiting in the guard's all-reduce. Give every rank the same "
                           "number of steps (e.g. DistributedSampler(drop_last=True)) and call the guard outside "

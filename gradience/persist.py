@@ -1,5 +1,5 @@
 """The second phase of a disk snapshot committed from its in-memory copy (a mixin of
-:class:`~gradience.snapshot.SnapshotStore`), and the collective exchanges of the commit protocol.
+:class:`~gradience.snapshot.SnapshotStore`), and the shard exchange of the commit protocol.
 
 With a hot tier, :meth:`Persisting._commit_hot` makes a snapshot a rollback target once every rank took its copy;
 its shards are written by background threads, and :meth:`Persisting.persist` (collective, called once no rank
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from gradience import shardio as sio
-from gradience.comm import Comm
+from gradience.comm import Comm, agree_all
 from gradience.errors import SnapshotError
 from gradience.hot import HotTier
 from gradience.shardio import FORMAT_VERSION
@@ -149,11 +149,3 @@ def exchange_shards(comm: Comm, global_rank: int, result: tuple[str, int, int], 
         shards.append({"rank": r, "global_rank": g, "file": sio.shard_file_name(g, kind),
                        "size": size, "sha256": raw.hex() if any(raw) else ""})
     return shards
-
-
-def agree_all(comm: Comm, ok: bool) -> bool:
-    """*Collective.* True on every rank iff ``ok`` on every rank (one MAX all-reduce of the failure flag)."""
-    if comm.world_size == 1:
-        return ok
-    flag = comm.all_reduce_max(torch.tensor([0.0 if ok else 1.0], dtype=torch.float64))
-    return bool(flag[0] == 0)

@@ -21,7 +21,8 @@ from typing import Any
 
 from gradience import risk, spike
 from gradience.config import GradienceConfig
-from gradience.types import Action, Decision, GuardState, PendingSnapshot, Phase, Reason, RiskLevel, Verdict
+from gradience.risk import RiskLevel
+from gradience.types import Action, Decision, GuardState, PendingSnapshot, Phase, Reason, Verdict
 
 _replace = dataclasses.replace
 

@@ -17,12 +17,12 @@ from typing import Any
 import torch
 
 from gradience.backends import StateBackend
-from gradience.comm import Comm
+from gradience.comm import Comm, agree_all
 from gradience.config import GradienceConfig
 from gradience.errors import ConfigError, SnapshotError
 from gradience.lr import CallbackLR, LRScale
 from gradience.probe import fingerprint_tensor, parameters
-from gradience.snapshot import SnapshotStore, agree_all
+from gradience.snapshot import SnapshotStore
 from gradience.telemetry import Telemetry
 
 
@@ -158,34 +158,6 @@ class Recovery:
         self.comm.broadcast_(self.target.backend.replica_tensors(), src=0)
 
 
-def state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
-    """Every dense tensor of the model's state and the optimizer's state, each storage once, in an order
-    that is the same on every replica."""
-    out: list[torch.Tensor] = []
-    seen: set[tuple] = set()
-
-    def add(t: Any) -> None:
-        if isinstance(t, torch.Tensor) and not t.is_sparse and t.numel():
-            # Tied weights and views share storage: each is sent once.
-            key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-            if key not in seen:
-                seen.add(key)
-                out.append(t.detach())
-
-    for t in model.state_dict(keep_vars=True).values():
-        add(t)
-    if optimizer is not None:
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        for p in params:
-            for _key, value in sorted(optimizer.state.get(p, {}).items()):
-                if isinstance(value, (list, tuple)):
-                    for item in value:
-                        add(item)
-                else:
-                    add(value)
-    return out
-
-
 def check_replicas(comm: Comm, model: torch.nn.Module) -> None:
     """*Collective.* With fingerprints on, the initial snapshot must be of equal replicas too."""
     if comm.world_size == 1:
@@ -218,4 +190,4 @@ def check_backoff_target(target: Target) -> str | None:
     return None
 
 
-__all__ = ["Recovery", "SnapshotError", "Target", "check_backoff_target", "check_replicas", "state_tensors"]
+__all__ = ["Recovery", "SnapshotError", "Target", "check_backoff_target", "check_replicas"]

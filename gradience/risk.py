@@ -10,12 +10,22 @@ The loss / grad-norm spike rule is :mod:`gradience.spike`.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from gradience.errors import ConfigError
-from gradience.types import RiskLevel
+
+
+class RiskLevel(str, enum.Enum):
+    """Spectral risk level, from the slope and volatility of log κ̃ per optimizer step."""
+
+    STABLE = "STABLE"
+    LEARNING = "LEARNING"
+    WARNING = "WARNING"
+    DANGER = "DANGER"
+    INSTABILITY = "INSTABILITY"
 
 #: (tick, κ̃) pairs, oldest first; tick is the guard's optimizer-step clock.
 KappaHistory = tuple[tuple[int, float], ...]

@@ -27,6 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from gradience.comm import agree_all
 from gradience.errors import ConfigError
 
 __all__ = ["LOCK_DIR", "RunLock", "group_tag", "snapshot_root"]
@@ -171,8 +172,6 @@ def _describe(info: dict[str, object] | None) -> str:
 def lock_everywhere(out_dir: str | Path, comm: Any, global_rank: int) -> RunLock:
     """*Collective.* Every rank takes its :class:`RunLock`, then all agree: if any rank found ``out_dir``
     in use, every rank releases and raises ConfigError — nobody goes on, or deletes anything, alone."""
-    from gradience.snapshot import agree_all
-
     lock = RunLock(out_dir, global_rank)
     error = None
     try:

@@ -39,14 +39,14 @@ import torch
 from safetensors.torch import load as st_load
 
 from gradience import shardio as sio
-from gradience.comm import Comm
+from gradience.comm import Comm, agree_all
 from gradience.errors import ConfigError, SnapshotError
 from gradience.hot import HotCopy, HotTier
-from gradience.persist import Persisting, agree_all
+from gradience.persist import Persisting
 from gradience.shardio import FORMAT_VERSION, MARKER, snapshot_dir_name
 from gradience.state import capture_state, restore_state
 
-__all__ = ["FORMAT_VERSION", "MARKER", "Prepared", "SnapshotInfo", "SnapshotStore", "agree_all", "capture_state",
+__all__ = ["FORMAT_VERSION", "MARKER", "Prepared", "SnapshotInfo", "SnapshotStore", "capture_state",
            "restore_state", "snapshot_dir_name"]
 
 

@@ -7,15 +7,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
-
-class RiskLevel(str, enum.Enum):
-    """Spectral risk level, from the slope and volatility of log κ̃ per optimizer step."""
-
-    STABLE = "STABLE"
-    LEARNING = "LEARNING"
-    WARNING = "WARNING"
-    DANGER = "DANGER"
-    INSTABILITY = "INSTABILITY"
+from gradience.spike import SpikeState
 
 
 class Reason(str, enum.Enum):
@@ -290,8 +282,6 @@ class GuardState:
         if "kappa_history" in d:
             d["kappa_history"] = tuple((int(t), float(k)) for t, k in d["kappa_history"])
         if isinstance(d.get("spike_state"), dict):
-            from gradience.spike import SpikeState  # spike imports risk, which imports this module
-
             d["spike_state"] = SpikeState.from_dict(d["spike_state"])
         return cls(**d)
 

@@ -11,7 +11,8 @@ import torch
 
 from gradience import GradienceController, policy
 from gradience.config import GradienceConfig
-from gradience.types import GuardState, Phase, RiskLevel, Verdict
+from gradience.risk import RiskLevel
+from gradience.types import GuardState, Phase, Verdict
 from tests.loops import events, gpt2_loss, make_gpt2, make_mlp, mlp_loss, run_loop
 from tests.threaded import free_groups, make_groups, run_ranks
 

@@ -16,9 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradience.risk import SEED_BANDS, RiskBands, append_history, classify, risk_level, slope_volatility
+from gradience.risk import SEED_BANDS, RiskBands, RiskLevel, append_history, classify, risk_level, slope_volatility
 from gradience.spike import SIGNALS, SignalStats, SpikeRule, SpikeState, SpikeVerdict, _accept, _mean_std, check_spike
-from gradience.types import RiskLevel
 
 BANDS = SEED_BANDS  # the tables below are written in the seed design's numbers
 AFTER = 1000  # a tick well past the default burn-in (500)

@@ -13,16 +13,16 @@ A backend never talks to other ranks except inside :meth:`StateBackend.restore` 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import torch
 
-from gradience.probe import BadTensors, parameters, persistent_buffers
-from gradience.state import capture_state, copy_pairs, restore_state, take
+from gradience.backends.fsdp import FSDP2Backend, is_sharded
+from gradience.backends.shard import state_tensors
+from gradience.probe import BadTensors, bad_tensors, parameters, persistent_buffers
+from gradience.state import capture_state, restore_state
 
-__all__ = ["PlainBackend", "StateBackend", "capture_shard", "copy_into", "default_backend", "restore_live",
-           "restore_optimizer_state", "saved_optimizer_states", "unique"]
+__all__ = ["PlainBackend", "StateBackend", "default_backend"]
 
 
 class StateBackend(Protocol):
@@ -101,8 +101,6 @@ class PlainBackend:
         return self._cached
 
     def bad(self, threshold: float, *, grads: bool) -> BadTensors:
-        from gradience.probe import bad_tensors
-
         return bad_tensors(self.model, threshold=threshold, grads=grads)
 
     def capture(self, *, copy: bool, where: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -112,8 +110,6 @@ class PlainBackend:
         restore_state(tensors, meta, self.model, self.optimizer)
 
     def replica_tensors(self) -> list[torch.Tensor]:
-        from gradience.recovery import state_tensors
-
         return state_tensors(self.model, self.optimizer)
 
     def _params(self) -> list[torch.nn.Parameter]:
@@ -124,100 +120,8 @@ class PlainBackend:
         return list(self.model.parameters())
 
 
-def unique(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(first name -> tensor, alias name -> first name) with each (storage, offset, shape, dtype) kept once:
-    safetensors refuses shared memory, and a restore into one alias restores all."""
-    out: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    for name, t in named:
-        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-        if t.numel() and key in seen:
-            aliases[name] = seen[key]
-            continue
-        seen[key] = name
-        out[name] = t
-    return out, aliases
-
-
-def copy_into(live: torch.Tensor, saved: torch.Tensor, name: str) -> None:
-    """Restore ``saved`` into ``live`` in place, refusing a shape or dtype that does not match."""
-    check_match(live, saved, name)
-    live.copy_(saved)
-
-
-def check_match(live: torch.Tensor, saved: torch.Tensor, name: str) -> None:
-    """Refuse a saved tensor whose shape or dtype is not the live one's (before anything is copied)."""
-    if tuple(live.shape) != tuple(saved.shape) or live.dtype != saved.dtype:
-        raise ValueError(f"snapshot tensor {name}: {tuple(saved.shape)} {saved.dtype}, the rank holds "
-                         f"{tuple(live.shape)} {live.dtype}")
-
-
-def capture_shard(named: Iterable[tuple[str, torch.Tensor]], optimizer_states: Iterable[tuple[str, dict]], *,
-                  copy: bool, local: Callable[[Any], torch.Tensor] = lambda t: t, where: str = "cpu",
-                  ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, dict[str, Any]]]:
-    """A sharded backend's shard: (tensors placed by ``where``, aliases, non-tensor optimizer values).
-    ``named``: the live tensors (each storage kept once); ``optimizer_states``: (label, the optimizer's state dict
-    of one parameter), whose tensors go in as ``optim.<label>.<key>`` and other values into the JSON side."""
-    live, aliases = unique(named)
-    tensors = {n: take(t, copy, where) for n, t in live.items()}
-    scalars: dict[str, dict[str, Any]] = {}
-    for label, state in optimizer_states:
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optim.{label}.{key}"] = take(local(value), copy, where)
-            else:
-                scalars.setdefault(label, {})[key] = value
-    return tensors, aliases, scalars
-
-
-def restore_live(named: Iterable[tuple[str, torch.Tensor]], tensors: dict[str, torch.Tensor], what: str) -> None:
-    """Copy a shard's tensors into the live ones in place, refusing a shard that lacks any of them."""
-    live, _ = unique(named)
-    missing = sorted(set(live) - set(tensors))
-    if missing:
-        raise ValueError(f"snapshot lacks {missing[:5]} of {what}")
-    for name, t in live.items():
-        check_match(t, tensors[name], name)  # all checked first: a mismatch leaves the live state untouched
-    copy_pairs([(t, tensors[name]) for name, t in live.items()])
-
-
-def saved_optimizer_states(tensors: dict[str, torch.Tensor], scalars: dict[str, dict[str, Any]]
-                           ) -> dict[str, dict[str, Any]]:
-    """A :func:`capture_shard` shard's optimizer entries by label (one pass over the shard)."""
-    out: dict[str, dict[str, Any]] = {label: dict(values) for label, values in scalars.items()}
-    for name, t in tensors.items():
-        if name.startswith("optim."):
-            label, key = name[len("optim."):].rsplit(".", 1)  # labels may hold dots (names), keys do not
-            out.setdefault(label, {})[key] = t
-    return out
-
-
-def restore_optimizer_state(states: dict, param: Any, saved: dict[str, Any] | None,
-                            new: Callable[[torch.Tensor], Any], *, reset: bool = False,
-                            local: Callable[[Any], torch.Tensor] = lambda t: t) -> bool:
-    """Put ``param``'s optimizer state back from its ``saved`` entries (:func:`saved_optimizer_states`): in place
-    where the live tensor exists, ``new(saved)`` where it does not; with ``reset``, a live state whose entries
-    differ is replaced whole. Returns whether the state's entries changed (created, dropped or replaced)."""
-    if not saved:  # the snapshot predates the first update: the optimizer starts afresh
-        return states.pop(param, None) is not None
-    state = states.get(param)
-    changed = state is None or set(state) != set(saved)
-    if state is None or (changed and reset):
-        states[param] = state = {}
-    for key, value in saved.items():
-        if not isinstance(value, torch.Tensor):
-            state[key] = value
-        elif isinstance(state.get(key), torch.Tensor):
-            copy_into(local(state[key]), value, f"optim.{key}")
-        else:
-            state[key] = new(value)
-    return changed
-
-
 def default_backend(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> StateBackend:
     """FSDP2 when the model's parameters are DTensors, else the whole model and optimizer."""
-    from gradience.backends.fsdp import FSDP2Backend, is_sharded
 
     if is_sharded(model):
         return FSDP2Backend(model, optimizer)

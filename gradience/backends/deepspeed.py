@@ -24,11 +24,12 @@ from typing import Any
 
 import torch
 
-from gradience.backends import (
+from gradience.backends.shard import (
     capture_shard,
     restore_live,
     restore_optimizer_state,
     saved_optimizer_states,
+    state_tensors,
     unique,
 )
 from gradience.errors import ConfigError
@@ -167,7 +168,5 @@ class DeepSpeedBackend:
     def replica_tensors(self) -> list[torch.Tensor]:
         if not self.replicated:
             return []
-        from gradience.recovery import state_tensors
-
         return state_tensors(self.module, self.base)
 

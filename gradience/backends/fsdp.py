@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from gradience.backends import capture_shard, restore_live, restore_optimizer_state, saved_optimizer_states
+from gradience.backends.shard import capture_shard, restore_live, restore_optimizer_state, saved_optimizer_states
 from gradience.errors import ConfigError
 from gradience.probe import BadTensors, bad_named, named_persistent_buffers, persistent_buffers
 

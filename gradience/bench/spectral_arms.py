@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gradience.risk import RiskBands, append_history, classify, risk_level
+from gradience.risk import RiskBands, RiskLevel, append_history, classify, risk_level
 from gradience.spectral import SpectralProbe
-from gradience.types import RiskLevel
 
 ARMS = ("ramp", "constant", "jump", "healthy")
 FAILING = ("ramp", "constant", "jump")

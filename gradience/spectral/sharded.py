@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gradience.spectral.power import settle
+
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -134,6 +136,4 @@ def lockstep(ops: list[tuple[list[Callable[[torch.Tensor], torch.Tensor]], torch
         for i, w in enumerate(cur):
             norms[i] = torch.linalg.vector_norm(w, dim=-1, keepdim=True)
             vs[i] = w / norms[i].clamp_min(torch.finfo(w.dtype).tiny)
-    from gradience.spectral import settle
-
     return [settle(norm, v, start) for start, v, norm in zip(starts, vs, norms, strict=True)]

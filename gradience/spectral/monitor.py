@@ -16,7 +16,8 @@ import torch
 
 from gradience.config import GradienceConfig
 from gradience.errors import ConfigError
-from gradience.spectral import SpectralProbe
+from gradience.policy import risk_reading
+from gradience.spectral.probe import SpectralProbe
 from gradience.telemetry import Telemetry
 from gradience.types import GuardState, Verdict
 
@@ -77,8 +78,6 @@ class SpectralMonitor:
 
     def report(self, step: int, tick: int, verdict: Verdict, previous: str | None, state: GuardState) -> None:
         """Telemetry for an agreed probe, and a ``risk_level`` event when the level changed."""
-        from gradience.policy import risk_reading
-
         self.last_kappa = verdict.spectral_kappa
         reading = risk_reading(state, self.config, tick)
         self.telemetry.emit("spectral", step=step, kappa=verdict.spectral_kappa, stable_rank=verdict.stable_rank,

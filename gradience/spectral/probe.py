@@ -34,13 +34,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradience.spectral_find import (  # noqa: F401 - part of this module's API
-    _COMPUTE,
-    QKPair,
-    find_qk,
-    hidden_matrices,
-    strip_name,
-)
+from gradience.spectral.find import find_qk, hidden_matrices
+from gradience.spectral.power import COMPUTE_DTYPE, power_iteration
+from gradience.spectral.sharded import lockstep, matrix_stages, qk_stages, reduce_many
 
 Getter = Callable[[], torch.Tensor]
 
@@ -59,45 +55,6 @@ class SpectralReading:
     where: str  #: the attention layer (or hidden weight) holding the max of kappa
     stable_rank_where: str = ""
     layers: dict[str, float] = field(default_factory=dict)  #: kappa per attention layer (or per hidden weight)
-
-
-def power_iteration(matvec: Callable[[torch.Tensor], torch.Tensor], rmatvec: Callable[[torch.Tensor], torch.Tensor],
-                    v: torch.Tensor, iters: int, *,
-                    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """σ_max of an implicit matrix A, ``matvec(x) = A x`` and ``rmatvec(y) = Aᵀ y``; no host sync.
-
-    ``v`` has shape (*batch, n): the warm start, one vector per matrix of the batch (the callables act on the
-    last dimension and broadcast over the others, e.g. one per attention head). Returns (σ of shape ``batch``,
-    0-d when unbatched; the new unit ``v`` to pass next time). σ = √‖AᵀAv‖ for the last input v: never above
-    σ_max (up to rounding in the compute dtype), and at least the Rayleigh estimate ‖Av‖. Computation is in ``v``'s dtype. A NaN/Inf/zero product
-    returns the (normalised) input ``v`` (σ then reads NaN or 0), so one bad weight does not poison the warm
-    start.
-
-    ``reduce`` (a SUM all-reduce when A is sharded) is applied once per iteration, to ``rmatvec(matvec(v))``.
-    With A row-sharded (rank r holds rows A_r, v replicated), each rank's local callables give A_rᵀA_r v and
-    the sum over ranks is AᵀAv: one reduce per iteration and no weight gathered. ‖A_r v‖² needs no reduce of
-    its own: the estimate is taken from the norm of the reduced vector, which every rank then holds.
-    """
-    if iters < 1:
-        raise ValueError(f"iters must be >= 1, got {iters}")
-    start = v = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True)
-    tiny = torch.finfo(v.dtype).tiny  # a zero product stays zero (σ = 0) instead of turning into 0/0
-    norm = None
-    for _ in range(iters):
-        w = rmatvec(matvec(v))
-        if reduce is not None:
-            w = reduce(w)
-        norm = torch.linalg.vector_norm(w, dim=-1, keepdim=True)
-        v = w / norm.clamp_min(tiny)
-    return settle(norm, v, start)
-
-
-def settle(norm: torch.Tensor, v: torch.Tensor, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(σ, the vector to keep) after power iteration ended with ‖AᵀAv‖ = ``norm``: a NaN/Inf/zero product keeps
-    the ``start`` vector. Checked once, not per iteration (each op costs microseconds on small matrices): NaN
-    propagates, and NaN > 0 is False. Inf weights read NaN rather than Inf: both are non-finite."""
-    ok = torch.nan_to_num(norm, nan=0.0, posinf=0.0) > 0
-    return norm.squeeze(-1).sqrt(), torch.where(ok, v, start)
 
 
 def _qk_products(q: torch.Tensor, k: torch.Tensor) -> tuple[Getter, Getter]:
@@ -129,7 +86,7 @@ class SpectralProbe:
 
     Sharded (DTensor) weights need ``reduce``, a SUM all-reduce over the ranks holding the shards (every rank
     calls :meth:`measure` together); each rank then multiplies by its own block only and all ranks read the same
-    κ̃ (:mod:`gradience.spectral_sharded`). Without ``reduce`` they are skipped.
+    κ̃ (:mod:`gradience.spectral.sharded`). Without ``reduce`` they are skipped.
     """
 
     def __init__(self, model: nn.Module, *, mapping: Mapping[str, Any] | None = None, iters: int = 2,
@@ -183,7 +140,7 @@ class SpectralProbe:
                 sharded.append(("attn", i, (q, k), pair))
                 heads.append(None)
                 continue
-            dt = _COMPUTE[q.dtype]
+            dt = COMPUTE_DTYPE[q.dtype]
             # Query head j*G + g reads kv head j (as transformers' repeat_kv): group the query heads by kv head.
             q = q.to(dt).unflatten(0, (pair.n_kv_heads, -1))
             k = k.to(dt)
@@ -198,7 +155,7 @@ class SpectralProbe:
                 fros.append(None)
                 ranks.append(min(w.rows, w.cols))
                 continue
-            w = w.to(_COMPUTE[w.dtype])
+            w = w.to(COMPUTE_DTYPE[w.dtype])
             v, n = self._start(self._v_hidden, j, (w.shape[1],), w.device, w.dtype, iters)
             sigma, self._v_hidden[j] = power_iteration(w.__matmul__, w.__rmatmul__, v, n)
             sigmas.append(sigma)
@@ -227,18 +184,16 @@ class SpectralProbe:
                  fros: list) -> None:
         """The sharded operators' power iterations in lockstep (one reduce per stage for all of them); fills the
         placeholders of ``heads``, ``sigmas`` and ``fros``."""
-        from gradience.spectral_sharded import lockstep, matrix_stages, qk_stages, reduce_many
-
         ops, frob, n = [], [], iters
         for kind, i, blocks, pair in jobs:
             if kind == "attn":
                 q, k = blocks
-                dt = _COMPUTE[q.t.dtype]
+                dt = COMPUTE_DTYPE[q.t.dtype]
                 shape = (pair.n_kv_heads, pair.n_heads // pair.n_kv_heads, k.cols)
                 v, m = self._start(self._v_attn, i, shape, q.t.device, dt, iters)
                 ops.append((qk_stages(q, k, pair.n_heads, pair.n_kv_heads, pair.head_dim, dt), v))
             else:
-                dt = _COMPUTE[blocks.t.dtype]
+                dt = COMPUTE_DTYPE[blocks.t.dtype]
                 stages, fro_sq = matrix_stages(blocks, dt)
                 v, m = self._start(self._v_hidden, i, (blocks.cols,), blocks.t.device, dt, iters)
                 ops.append((stages, v))

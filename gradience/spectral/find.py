@@ -1,7 +1,7 @@
 """Finding what the spectral probe measures in a model: the query/key weights of every attention layer
 (:func:`find_qk`, by module shape or a user mapping) and the hidden matrices of the fallback
 (:func:`hidden_matrices`), each as a getter read at every probe — a view of a local weight, or this rank's
-:class:`~gradience.spectral_sharded.LocalBlock` of a DTensor one. Names are wrapper-free (DDP, torch.compile).
+:class:`~gradience.spectral.sharded.LocalBlock` of a DTensor one. Names are wrapper-free (DDP, torch.compile).
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradience.spectral.power import COMPUTE_DTYPE
+from gradience.spectral.sharded import local_block
+
 Getter = Callable[[], Any]
 
-_COMPUTE = {torch.float32: torch.float32, torch.bfloat16: torch.float32, torch.float16: torch.float32,
-            torch.float64: torch.float64}
 _READOUTS = frozenset(("lm_head", "embed_out", "decoder", "classifier", "score", "output_projection"))
 _HEADS = ("num_heads", "n_head", "n_heads", "num_attention_heads", "heads")
 _HEAD_DIM = ("head_dim", "attention_head_size", "head_size", "key_value_proj_dim", "d_head")
@@ -70,7 +71,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def _probeable(t: Any) -> bool:
     """A real, non-empty float matrix: meta, empty and integer/float8 weights are skipped. A DTensor counts by
     its global shape (every rank must find the same matrices); its local block is what the probe reads."""
-    return (isinstance(t, torch.Tensor) and t.ndim == 2 and t.dtype in _COMPUTE and not t.is_meta
+    return (isinstance(t, torch.Tensor) and t.ndim == 2 and t.dtype in COMPUTE_DTYPE and not t.is_meta
             and t.numel() > 0)
 
 
@@ -110,8 +111,6 @@ def _view(owner: nn.Module, attr: str, rows: tuple[int, int], transposed: bool, 
     def get() -> torch.Tensor:
         w = getattr(owner, attr)
         if _sharded(w):  # never index a DTensor: that would gather it
-            from gradience.spectral_sharded import local_block
-
             return local_block(w, rows, transposed)
         w = w.detach()
         return (w.t() if transposed else w)[start:stop].unflatten(0, (-1, head_dim))
@@ -272,8 +271,6 @@ def hidden_matrices(model: nn.Module, exclude: tuple[str, ...] = (), *,
 
 def _matrix(w: torch.Tensor) -> Any:
     if _sharded(w):
-        from gradience.spectral_sharded import local_block
-
         return local_block(w, None, False)
     return w.detach()
 
