@@ -10,13 +10,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gradience.comm import Comm
+from gradience.comm import Comm, default_world_size
 from gradience.config import GradienceConfig
 from gradience.errors import ConfigError
 from gradience.hot import HotTier
 from gradience.lr import CallbackLR, LRScale
 from gradience.recovery import Recovery, Target
-from gradience.rundir import snapshot_root, world_size
+from gradience.rundir import snapshot_root
 from gradience.sinks import make_sinks
 from gradience.snapshot import SnapshotStore
 from gradience.spectral.monitor import SpectralMonitor, shard_reduce
@@ -84,7 +84,7 @@ def spectral_monitor(config: GradienceConfig, backend: Any, telemetry: Telemetry
 def snapshot_parts(config: GradienceConfig, out: Path, comm: Comm, global_ranks: tuple[int, ...],
                    telemetry: Telemetry, target: Target) -> tuple[SnapshotStore, Recovery]:
     """The group's snapshot store under ``out`` and the restore mechanics over it."""
-    root = snapshot_root(out, list(global_ranks), world_size=world_size() or comm.world_size)
+    root = snapshot_root(out, list(global_ranks), world_size=default_world_size() or comm.world_size)
     store = SnapshotStore(root, comm, tier=config.guard_snapshot_tier, global_rank=global_ranks[comm.rank],
                           hot=HotTier(config.guard_snapshot_hot, config.guard_snapshot_hot_budget))
     return store, Recovery(store, comm, telemetry, config, target)

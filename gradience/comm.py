@@ -1,4 +1,6 @@
-"""The only module that imports torch.distributed: the Comm seam every collective goes through.
+"""The Comm seam every collective of the guard goes through, and the only module that runs torch.distributed
+collectives or asks about its process groups (:func:`default_rank`, :func:`default_world_size`). Elsewhere the
+package only reads DTensor layouts (FSDP2, the sharded spectral products) and watches DDP's ``Join``.
 
 ``LocalComm`` is the world-size-1 identity. ``TorchComm`` wraps a process group (the default one or a
 user-supplied subgroup, gloo or NCCL) and owns three promises:
@@ -44,14 +46,36 @@ _HDR = 6  # (kind, -kind, step, -step, seq, -seq)
 
 @runtime_checkable
 class Comm(Protocol):
-    """Collectives the guard needs. Implementations must be usable from every rank in lockstep."""
+    """Every collective the guard uses, and what callers read of a group. Implementations must be usable from every
+    rank in lockstep; each call ends within the group's deadline or raises :class:`ConsensusTimeout`."""
 
+    #: This rank's index in the group, the group's size, and the device its collectives run on.
     rank: int
     world_size: int
     device: torch.device
+    #: The global rank of each member, by group rank.
+    global_ranks: tuple[int, ...]
+    #: Why the collectives stopped (an earlier failure), None while they work.
+    broken: str | None
 
     def all_reduce_max(self, values: torch.Tensor, *, kind: str = "agree", step: int | None = None) -> torch.Tensor:
         """Element-wise MAX over ranks of a 1-D float tensor (on any device); returns a CPU float64 tensor."""
+        ...
+
+    def all_reduce_sum(self, values: torch.Tensor, *, kind: str = "spectral") -> torch.Tensor:
+        """Element-wise SUM over ranks (the sharded spectral products)."""
+        ...
+
+    def all_reduce_device_max(self, values: torch.Tensor) -> None:
+        """MAX in place on the group's device, framed by the caller (the asynchronous verdict)."""
+        ...
+
+    def broadcast_(self, tensors: list[torch.Tensor], src: int = 0) -> None:
+        """Overwrite ``tensors`` in place with group rank ``src``'s (replica repair)."""
+        ...
+
+    def close(self) -> None:
+        """Release what the comm holds (its own process group)."""
         ...
 
 
@@ -74,6 +98,9 @@ class LocalComm:
     def all_reduce_sum(self, values: torch.Tensor, *, kind: str = "spectral") -> torch.Tensor:
         """Identity."""
         return values
+
+    def all_reduce_device_max(self, values: torch.Tensor) -> None:
+        """Identity (in place: nothing to do)."""
 
     def close(self) -> None:
         """Nothing to release."""
@@ -383,3 +410,17 @@ def agree_all(comm: Comm, ok: bool) -> bool:
         return ok
     flag = comm.all_reduce_max(torch.tensor([0.0 if ok else 1.0], dtype=torch.float64))
     return bool(flag[0] == 0)
+
+
+def default_rank() -> int:
+    """This process's rank in the default group, 0 when torch.distributed is not initialized."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def default_world_size() -> int:
+    """The default group's world size, 0 when torch.distributed is not initialized."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 0

@@ -293,7 +293,7 @@ class GradienceController:
         if self._deferred is not None:
             self._deferred.release()
         for held in (self.lr, self.comm):
-            if held is not None and hasattr(held, "close"):
+            if held is not None:
                 held.close()
         if self._lock is not None:
             self._lock.release()
@@ -325,7 +325,7 @@ class GradienceController:
     @property
     def global_ranks(self) -> tuple[int, ...]:
         """Global rank of each member of the guard's group, by group rank."""
-        return tuple(getattr(self.comm, "global_ranks", range(self.comm.world_size))) if self.comm else (0,)
+        return tuple(self.comm.global_ranks) if self.comm else (0,)
 
     @property
     def global_rank(self) -> int:

@@ -68,8 +68,8 @@ def refusal(config: Any, optimizer: Any, backend: Any, comm: Any) -> str | None:
     devices = {p.device for p in params}
     if len(devices) != 1:
         return f"the parameters are on {len(devices)} devices"
-    if comm.world_size > 1 and getattr(comm, "device", None) != next(iter(devices)):
-        return f"the guard's group runs on {getattr(comm, 'device', None)}, the parameters on {next(iter(devices))}"
+    if comm.world_size > 1 and comm.device != next(iter(devices)):
+        return f"the guard's group runs on {comm.device}, the parameters on {next(iter(devices))}"
     return None
 
 

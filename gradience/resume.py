@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
-from gradience.comm import Comm, LocalComm
+from gradience.comm import Comm, LocalComm, default_rank
 from gradience.errors import ConfigError, SnapshotError
 from gradience.rundir import snapshot_root
 from gradience.snapshot import SnapshotInfo, SnapshotStore
-from gradience.spectral import strip_name
 from gradience.state import restore_state
+from gradience.unwrap import strip_name
 
 logger = logging.getLogger("gradience")
 
@@ -70,7 +70,7 @@ def load_snapshot(out_dir: str | Path, model: torch.nn.Module, optimizer: torch.
     if not root.is_dir():
         raise SnapshotError(f"load_snapshot: no snapshots under {root}")
     if rank is None:
-        rank = _global_rank()
+        rank = default_rank()
     store = SnapshotStore(root, LocalComm(), global_rank=rank)
     infos = store.committed_on_disk()
     if step != "latest":
@@ -93,12 +93,6 @@ def load_snapshot(out_dir: str | Path, model: torch.nn.Module, optimizer: torch.
         return int(info.step) if info.step is not None else -1
     what = "a committed snapshot" if step == "latest" else f"a committed snapshot of step {step}"
     raise SnapshotError(f"load_snapshot: no {what} with a valid shard for rank {rank} under {root}")
-
-
-def _global_rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _key_map(model: torch.nn.Module) -> dict[str, str]:

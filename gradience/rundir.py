@@ -182,10 +182,3 @@ def lock_everywhere(out_dir: str | Path, comm: Any, global_rank: int) -> RunLock
         lock.release()
         raise error or ConfigError(f"out_dir {out_dir} is in use by another live run (seen by another rank)")
     return lock
-
-
-def world_size() -> int:
-    """The default group's world size, 0 when torch.distributed is not initialized."""
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 0

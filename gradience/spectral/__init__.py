@@ -14,9 +14,9 @@ One job per module:
 The risk level read from κ̃'s trend is policy (:mod:`gradience.risk`), not here.
 """
 
-from gradience.spectral.find import QKPair, find_qk, hidden_matrices, strip_name
+from gradience.spectral.find import QKPair, find_qk, hidden_matrices
 from gradience.spectral.power import power_iteration
 from gradience.spectral.probe import DEFINITIONS, SpectralProbe, SpectralReading
 
 __all__ = ["DEFINITIONS", "QKPair", "SpectralProbe", "SpectralReading", "find_qk", "hidden_matrices",
-           "power_iteration", "strip_name"]
+           "power_iteration"]

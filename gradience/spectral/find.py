@@ -17,6 +17,7 @@ from torch import nn
 
 from gradience.spectral.power import COMPUTE_DTYPE
 from gradience.spectral.sharded import local_block
+from gradience.unwrap import strip_name, unwrap_model
 
 Getter = Callable[[], Any]
 
@@ -26,7 +27,6 @@ _HEAD_DIM = ("head_dim", "attention_head_size", "head_size", "key_value_proj_dim
 # Child names of separate query / key projections (Llama/Mistral/OPT, BERT, T5, DistilBERT, diffusers, custom).
 _QK_CHILDREN = (("q_proj", "k_proj"), ("query", "key"), ("q", "k"), ("q_lin", "k_lin"), ("wq", "wk"), ("to_q", "to_k"))
 # Wrappers that prefix names: DDP / DataParallel ("module.") and torch.compile ("_orig_mod.").
-_PREFIXES = ("module.", "_orig_mod.")
 _MAX_DEPTH = 16
 
 
@@ -41,31 +41,6 @@ class QKPair:
     n_kv_heads: int
     head_dim: int
     sharded: bool = False  #: the weights are DTensor shards: the getters return LocalBlocks
-
-
-def strip_name(name: str) -> str:
-    """``name`` without the prefixes DDP/DataParallel (``module.``) and torch.compile (``_orig_mod.``) add."""
-    name = name.replace("._orig_mod.", ".")  # a compiled submodule
-    changed = True
-    while changed:
-        changed = False
-        for p in _PREFIXES:
-            if name.startswith(p):
-                name, changed = name[len(p):], True
-    return name
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DDP / DataParallel / torch.compile wrappers (``model`` itself when it is not wrapped)."""
-    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    for _ in range(_MAX_DEPTH):
-        inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            inner = model.module if isinstance(model, wrappers) else None
-        if inner is None:
-            return model
-        model = inner
-    raise ValueError(f"more than {_MAX_DEPTH} nested wrappers around {type(model).__name__}")
 
 
 def _probeable(t: Any) -> bool:
@@ -239,7 +214,7 @@ def find_qk(model: nn.Module, mapping: Mapping[str, Any] | None = None,
     Layers that cannot be probed are left out, with a reason appended to ``skipped`` when it is given.
     """
     skipped = [] if skipped is None else skipped
-    model = _unwrap(model)
+    model = unwrap_model(model)
     if mapping is not None and "q" in mapping:
         return _mapped(model, mapping, skipped)
     return _auto(model, skipped)
@@ -250,7 +225,7 @@ def hidden_matrices(model: nn.Module, exclude: tuple[str, ...] = (), *,
     """(wrapper-free name, getter) of the hidden 2-D weights: embeddings, weights tied to them, readouts and
     names matching a glob of ``exclude`` left out (see the module docstring for the rule); DTensor weights
     only with ``sharded``."""
-    model = _unwrap(model)
+    model = unwrap_model(model)
     embeddings = [m.weight for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
     emb_ids = {id(w) for w in embeddings}
     emb_ptrs = {w.data_ptr() for w in embeddings if _probeable(w) and not _sharded(w)}
