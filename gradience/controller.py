@@ -94,15 +94,11 @@ class GradienceController:
 
         Pass ``optimizer=`` (and ``scheduler=``): Gradience snapshots model + optimizer state as safetensors and
         applies the LR backoff where the optimizer consumes the LR. Or pass ``save_fn(path)`` / ``load_fn(path)``
-        (a checkpoint at ``path``) and ``get_lr()`` / ``set_lr(lr)`` (the guard moves the loop's LR by each change
-        of its scale). Accelerate's wrappers are unwrapped. ``start_step`` labels the initial snapshot.
-
-        ``resume="latest"``: continue a crashed or requeued run from the newest committed snapshot in ``out_dir``
-        that verifies on every rank (same world size) — model, optimizer, scheduler, LR scale and the guard state
-        the live run had right after that snapshot's commit — instead of clearing the directory;
-        :attr:`resumed_step` is its step (None: nothing to resume, a fresh start, said in the log).
-        ``resume=True`` only appends to the telemetry files (the Trainer callback, resuming its own checkpoint).
-        ``backend=`` (integrations): what this rank owns when not ``model`` + ``optimizer`` whole.
+        and ``get_lr()`` / ``set_lr(lr)`` (the guard moves the loop's LR by each change of its scale).
+        ``start_step`` labels the initial snapshot. ``resume="latest"``: continue from the newest committed
+        snapshot in ``out_dir`` that verifies on every rank (model, optimizer, scheduler, LR scale, guard state);
+        :attr:`resumed_step` is its step (None: a fresh start). ``resume=True`` only appends to the telemetry
+        files (the Trainer callback). ``backend=`` (integrations): what this rank owns when not the whole model.
         """
         if self.telemetry is not None:
             raise RuntimeError("GradienceController.initialize() was already called; use a new controller")
@@ -152,14 +148,11 @@ class GradienceController:
     def before_optimizer_step(self, model: torch.nn.Module | None = None,
                               optimizer: torch.optim.Optimizer | None = None, *, step: int | None = None,
                               scaler: Any | None = None, loss: torch.Tensor | float | None = None) -> bool:
-        """Gradient gate, after backward (and clipping), before ``optimizer.step()`` (collective).
-
-        False: this update must not happen; its gradients are dropped (``p.grad = None``), so even an unconditional
-        ``optimizer.step()`` leaves weights and optimizer state bitwise unchanged. (Asynchronous verdict: True, and
-        the fused optimizer skips a bad update on the device.) With a ``torch.amp.GradScaler`` (``scaler=``, else
-        the one in the process) gradients are unscaled first and an overflow it skips anyway is not a fault
-        (``scaler_skipped_steps``). ``loss=``: this step's loss, for the spike rule with the gradient norm.
-        """
+        """Gradient gate, after backward (and clipping), before ``optimizer.step()`` (collective). False: this update
+        must not happen; its gradients are dropped, so even an unconditional ``optimizer.step()`` leaves weights and
+        optimizer state bitwise unchanged (asynchronous verdict: True, the fused optimizer skips it on the device).
+        A ``torch.amp.GradScaler`` (``scaler=``, else the one in the process) unscales first; its own overflow is
+        not a fault. ``loss=``: this step's loss, for the spike rule."""
         self._require_initialized()
         if self.halted:
             return False
@@ -253,12 +246,16 @@ class GradienceController:
         if weights is not None and (done is None or done.action is not Action.ROLLBACK) and not self.halted:
             self.last_loss = weights.loss
             done = self._decide(step, weights)
-        return done is None or done.action is not Action.ROLLBACK or self.halted
+        if done is not None and done.action is Action.ROLLBACK and not self.halted:
+            self.backend.close_gate()  # gradients accumulated on the replaced state must not reach the restored one
+            return False
+        return True
 
     def _decide(self, step: int | None, verdict: Verdict, *, bad: Callable[[], Any] | None = None,
                 verified: bool = True) -> Decision:
         """The policy on an agreed verdict (either path, either phase), carried out and reported."""
-        local, self._last_error = self._last_error, None
+        late = self._deferred.errors.pop((verdict.tick, verdict.phase), None) if self._deferred else None
+        local, self._last_error = self._last_error or late, None
         self.state = self.executor.count_probe_errors(self.state, verdict, local, self.probe_errors)
         before = self.state
         self.state, decision = policy.decide(before, verdict, self.config)
@@ -269,9 +266,17 @@ class GradienceController:
 
     def _asynchronous(self, scaler: Any) -> bool:
         """Whether this step's gate runs on the device (the run can, and this step's parameters all have state)."""
-        path = deferred.path_of_step(self._deferred, self.optimizer, scaler)
+        path = deferred.path_of_step(self._deferred, self.optimizer, scaler, self.state.disabled_checks)
         self.state = policy.on_verdict_path(self.state, path)
         return path == "async"
+
+    def settle(self) -> bool:
+        """Judge and act on the asynchronous verdict still in flight now (collective; the host waits for the device
+        once): call it before saving a checkpoint of your own, never of a faulty step. False: training must stop."""
+        self._require_initialized()
+        if not self.halted and self._deferred is not None and self._deferred.staged():
+            self._read_async(self.last_step)  # nothing is discarded: the loop has not begun the next step
+        return not self.halted
 
     # ------------------------------------------------------------------------------------------ end
     def finalize(self) -> dict[str, Any]:
@@ -300,8 +305,7 @@ class GradienceController:
             self._lock = None
 
     def terminated(self, signame: str) -> None:
-        """The process is being stopped by a signal (how a launcher stops the survivors of a failed peer): an
-        ABORTED summary for this rank, written before the process goes."""
+        """Stopped by a signal (how a launcher ends a failed peer's survivors): this rank's ABORTED summary."""
         if self.telemetry is not None and not self.halted:
             self._fatal(policy.on_abort(self.state, Reason.TERMINATED), self.last_step, "TERMINATED",
                         f"{signame} received (a launcher stops the surviving ranks this way when a peer fails)")
@@ -354,7 +358,6 @@ class GradienceController:
         self.tick = self._clock()
         self._apply_lr(adopt=True)
 
-    # ------------------------------------------------------------------------------------------ plumbing
     def _probe(self, phase: Phase, step: int, fn: Callable[[], ProbeReport]) -> ProbeReport:
         try:
             return fn()

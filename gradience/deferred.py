@@ -47,10 +47,10 @@ logger = logging.getLogger(__name__)
 
 MODES = ("auto", "sync", "async")
 _HEAD = 4  # frame (several ranks): call kind, -kind, call count, -count (MAX exposes ranks in different calls)
-# Gradients: norm (NaN as +inf, so MAX reduces it), NaN?, loss (-inf: none).
+# Gradients: norm (NaN as +inf, so MAX reduces it), NaN?, loss (-inf: none), the check raised, 5 unused.
 # Weights: norm (NaN as +inf), NaN?, a buffer NaN?, loss (-inf: none), max |loss| (NaN as +inf), a rank still
-# writing a snapshot's shard, κ̃ and stable rank (-inf: no probe). Flags are derived on the host from these;
-# several ranks add one slot per rank.
+# writing a snapshot's shard, κ̃ and stable rank (-inf: no probe), the check raised. Flags are derived on the
+# host from these; several ranks add one slot per rank.
 _GRADS, _STEP = KINDS.index("check:grads") + 1, KINDS.index("check:step") + 1
 
 
@@ -150,6 +150,8 @@ class Deferred:
         #: This step's staged vectors (tick, gate's, weights'), and the previous step's (read in this step).
         self._cur: list[Any] | None = None
         self._prev: list[Any] | None = None
+        #: This rank's error text of a check that raised, by (tick, phase), until its verdict is judged.
+        self.errors: dict[tuple[int | None, Phase], str] = {}
         # Per-tensor gradient norms of the gate just read (names for a skip).
         self._read_parts: torch.Tensor | None = None
         self._zero = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -159,12 +161,17 @@ class Deferred:
     # ---------------------------------------------------------------- per step
     @torch.no_grad()
     def gate(self, grads: list[torch.Tensor], loss: torch.Tensor | float | None, step: int, tick: int) -> None:
-        """Flags of this step's gradients, agreed on the device; sets ``found_inf``."""
-        raw = self._grads(grads, self.device)
-        norm = _enc(raw)  # NaN -> inf: "not <= threshold" either way
+        """Flags of this step's gradients, agreed on the device; sets ``found_inf``. A check that raises takes part
+        all the same, as a probe error (the update goes ahead, as on the synchronous path)."""
         z = self._zero  # both vectors have one length: ranks in different calls then fail the frame check
-        vec = self._g.send([norm, raw.isnan().double(), self._loss(loss)[0], z, z, z, z, z],
-                           lambda: (norm > self.threshold).double(), step, self._grads.per_tensor)
+        try:
+            raw = self._grads(grads, self.device)
+            norm = _enc(raw)  # NaN -> inf: "not <= threshold" either way
+            values, parts = [norm, raw.isnan().double(), self._loss(loss)[0], z], self._grads.per_tensor
+        except Exception as e:  # a defect of the guard: it must not stop this rank from joining the all-reduce
+            self.errors[(tick, Phase.GRADS)] = f"{type(e).__name__}: {e}"
+            norm, values, parts = z, [z, z, self._none, self._one], None
+        vec = self._g.send(values + [z] * 5, lambda: ((norm > self.threshold) | (values[3] > 0)).double(), step, parts)
         self.optimizer.found_inf = (vec[self._g.off] > self.threshold).float()
         self._cur = [tick, self._g.staged, None]
 
@@ -173,17 +180,24 @@ class Deferred:
                   busy: bool = False, spectral: dict[str, float | None] | None = None) -> None:
         """The weights' check of this step, agreed on the device and read in the next step. ``busy``: this
         rank is still writing a snapshot's shard; ``spectral``: this step's κ̃ and stable rank (probe steps
-        only: the one host number written to the device, agreed by the MAX as on the synchronous path)."""
-        raw = self._weights(weights, self.device)
-        norm = _enc(raw)
-        b_nan = self._buffers(buffers, self.device).isnan().double() if buffers else self._zero
-        mean, big = self._loss(loss)
-        big = _enc(big)
-        t = self.threshold
+        only: the one host number written to the device, agreed by the MAX as on the synchronous path). A check
+        that raises takes part all the same, as a probe error."""
+        z, t = self._zero, self.threshold
         kappa, srank = (self._host(spectral.get(k)) for k in ("spectral_kappa", "stable_rank")) if spectral else (
             self._none, self._none)
-        self._w.send([norm, raw.isnan().double(), b_nan, mean, big, self._one if busy else self._zero, kappa, srank],
-                     lambda: ((norm > t) | (b_nan > 0) | (big > t)).double(), step)
+        try:
+            raw = self._weights(weights, self.device)
+            norm = _enc(raw)
+            b_nan = self._buffers(buffers, self.device).isnan().double() if buffers else z
+            mean, big = self._loss(loss)
+            big, error = _enc(big), z
+            values = [norm, raw.isnan().double(), b_nan, mean, big]
+        except Exception as e:  # a defect of the guard: it must not stop this rank from joining the all-reduce
+            self.errors[(self._cur[0] if self._cur else None, Phase.STEP)] = f"{type(e).__name__}: {e}"
+            norm = b_nan = big = z
+            values, error = [z, z, z, self._none, z], self._one
+        self._w.send(values + [self._one if busy else z, kappa, srank, error],
+                     lambda: ((norm > t) | (b_nan > 0) | (big > t) | (error > 0)).double(), step)
         if self._cur is not None:
             self._cur[2] = self._w.staged
         self._prev, self._cur = self._cur, None
@@ -228,19 +242,21 @@ class Deferred:
         grads = weights = None
         taken = self._g.take(g_staged, timeout_s)
         if taken is not None:
-            (norm, nan, loss, *_), ranks, at = taken
+            (norm, nan, loss, error, *_), ranks, at = taken
             grads = self._verdict(ranks, tick, phase=Phase.GRADS, step=at, nonfinite_grads=norm == math.inf,
+                                  probe_error=error > 0,
                                   violation_grads=math.isfinite(norm) and norm > t,
                                   grad_norm=math.nan if nan else norm, loss=loss)
         taken = self._w.take(w_staged, timeout_s)
         if taken is not None:
-            (norm, nan, b_nan, loss, big, busy, kappa, srank), ranks, at = taken
+            (norm, nan, b_nan, loss, big, busy, kappa, srank, error), ranks, at = taken
             skipped = grads is not None and (grads.nonfinite_grads or grads.violation_grads)  # found_inf's rule
             weights = self._verdict(ranks, tick, phase=Phase.STEP, step=at, nonfinite_weights=norm == math.inf,
                                     violation_weights=math.isfinite(norm) and norm > t, nonfinite_buffers=b_nan > 0,
                                     nonfinite_loss=big == math.inf, violation_loss=math.isfinite(big) and big > t,
                                     weight_norm=math.nan if nan else norm, loss=loss, persist_busy=busy > 0,
-                                    spectral_kappa=kappa, stable_rank=srank, update_skipped=skipped, late=True)
+                                    spectral_kappa=kappa, stable_rank=srank, update_skipped=skipped, late=True,
+                                    probe_error=error > 0)
         return grads, weights
 
     def _verdict(self, ranks: tuple[int, ...] | None, tick: int, **report: Any) -> Verdict:
@@ -291,13 +307,16 @@ def choose(config: Any, optimizer: Any, backend: Any, comm: Any) -> Deferred | N
 _NOTED: set[tuple[int, str]] = set()
 
 
-def path_of_step(deferred: Deferred | None, optimizer: Any, scaler: Any) -> str:
-    """"async" when this step's gate can run on the device: the run can, no GradScaler steps this update (it
-    sets found_inf itself), and every parameter about to be updated already has optimizer state (re-checked
-    each step: new groups, unfrozen parameters); else "sync", said once per cause and optimizer in the log."""
+def path_of_step(deferred: Deferred | None, optimizer: Any, scaler: Any, disabled: tuple[str, ...] = ()) -> str:
+    """"async" when this step's gate can run on the device: the run can, no check was switched off for raising
+    (``disabled``), no GradScaler steps this update (it sets found_inf itself), and every parameter about to be
+    updated already has optimizer state (re-checked each step: new groups, unfrozen parameters); else "sync",
+    said once per cause and optimizer in the log."""
     if deferred is None:
         return "sync"
-    if scaler is not None and scaler.is_enabled():
+    if disabled:
+        why = f"the {' and '.join(disabled)} check raised again and again and is off: the synchronous path skips it"
+    elif scaler is not None and scaler.is_enabled():
         why = "a GradScaler steps this update and sets found_inf itself: such steps are synchronous"
     elif missing_state(optimizer):
         why = ("a parameter about to be updated has no optimizer state yet (the first step, a new param group, an "

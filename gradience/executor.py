@@ -170,14 +170,14 @@ class Executor:
                  verified: bool = True, initial: bool = False) -> GuardState:
         """Capture the state as it is now as the next snapshot; committed at once when nothing is left to judge."""
         sid, self.next_sid = self.next_sid, self.next_sid + 1
-        if confirmed:
-            self._at_tick[sid] = state
         self.persist(state, step)  # one write in flight at a time, reported
         background = not (confirmed or initial) or self.config.guard_snapshot_commit_lag > 0
         self.recovery.begin(sid, step, {"lr_scale": state.lr_scale, "verified": verified, "tick": tick},
                             background=background)
         state, decision = policy.on_snapshot_begun(state, sid, tick, self.config, confirmed=confirmed,
                                                    verified=verified, initial=initial)
+        if confirmed or initial:
+            self._at_tick[sid] = state  # the guard state of its own step, this snapshot in flight
         return self.commit(state, step, sid) if decision.commit_sid is not None else state
 
     def commit(self, state: GuardState, step: int | None, sid: int) -> GuardState:

@@ -35,6 +35,7 @@ def initial_state() -> GuardState:
 def decide(state: GuardState, verdict: Verdict, config: GradienceConfig) -> tuple[GuardState, Decision]:
     """Decide what to do with one phase of one step, including what happens to a snapshot in flight."""
     state, decision = _settle_pending(*_judge(state, verdict, config), verdict)
+    decision = _one_at_a_time(state, decision, verdict)
     if verdict.late and decision.capture:  # the judged state is gone; only a copy taken ahead could be kept
         decision = _replace(decision, capture=False)
     return state, decision
@@ -56,15 +57,21 @@ def _settle_pending(state: GuardState, decision: Decision, verdict: Verdict) -> 
         if decision.action is not Action.SNAPSHOT:  # a skipped update, or not a snapshot step after all
             return state, _replace(decision, abandon_sid=p.sid)
         p = _replace(p, confirmed=True)
-        state, decision = _replace(state, pending=p), _replace(decision, capture=False, confirm_sid=p.sid)
-    elif decision.action is Action.SNAPSHOT:
-        # One snapshot in flight at a time: a snapshot step (a risk reaction's) that comes while an older one
-        # still waits for its commit lag is not taken. The asynchronous path, which copies a step before its
-        # verdict, could not take it either.
-        decision = _replace(decision, action=Action.CONTINUE, capture=False)
+        state = _replace(state, pending=p, quiet_until=p.commit_tick)
+        decision = _replace(decision, capture=False, confirm_sid=p.sid)
     if p.confirmed and tick >= p.commit_tick:
         return state, _replace(decision, commit_sid=p.sid)
     return state, decision
+
+
+def _one_at_a_time(state: GuardState, decision: Decision, verdict: Verdict) -> Decision:
+    """One snapshot in flight at a time: a snapshot step (a risk reaction's) that comes while an older one still
+    waits for its commit lag (up to ``quiet_until``) is not taken. The asynchronous path, which copies a step
+    before its verdict, could not take it either; and a run resumed from the older snapshot knows it too."""
+    quiet = state.quiet_until is not None and _tick(verdict) <= state.quiet_until
+    if decision.action is Action.SNAPSHOT and decision.confirm_sid is None and quiet:
+        return _replace(decision, action=Action.CONTINUE, capture=False)
+    return decision
 
 
 def _judge(state: GuardState, verdict: Verdict, config: GradienceConfig) -> tuple[GuardState, Decision]:
@@ -249,7 +256,8 @@ def on_snapshot_begun(state: GuardState, sid: int, tick: int, config: GradienceC
     pending = PendingSnapshot(sid=sid, tick=tick, commit_tick=tick + config.guard_snapshot_commit_lag,
                               confirmed=confirmed or initial, verified=verified)
     now = initial or (confirmed and config.guard_snapshot_commit_lag == 0)
-    return _replace(state, pending=pending), Decision(action=Action.CONTINUE, lr_scale=state.lr_scale,
+    quiet = pending.commit_tick if confirmed and not initial else state.quiet_until
+    return _replace(state, pending=pending, quiet_until=quiet), Decision(action=Action.CONTINUE, lr_scale=state.lr_scale,
                                                       commit_sid=sid if now else None)
 
 
@@ -259,7 +267,8 @@ def capture_ahead(state: GuardState, tick: int, config: GradienceConfig) -> Deci
     with the κ̃ every rank agreed on, may call for a reaction's snapshot). Decided from what every rank holds
     alike, so every rank copies the same steps; not while an older snapshot still waits for its commit lag."""
     none = Decision(action=Action.CONTINUE, lr_scale=state.lr_scale)
-    if state.halted or not config.guard_enabled or state.pending is not None:
+    quiet = state.quiet_until is not None and tick <= state.quiet_until
+    if state.halted or not config.guard_enabled or state.pending is not None or quiet:
         return none
     probe = Verdict(phase=Phase.STEP, step=tick, tick=tick)
     reaction = config.risk_reactions and spectral_due(tick, config, state)

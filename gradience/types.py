@@ -216,6 +216,8 @@ class GuardState:
     episode_sid: int | None = None
     #: The snapshot begun and not yet committed or abandoned.
     pending: PendingSnapshot | None = None
+    #: No further snapshot is taken up to this tick: the last one's commit lag (one snapshot in flight at a time).
+    quiet_until: int | None = None
     halted: bool = False
     halt_reason: Reason | None = None
     first_fault_step: int | None = None

@@ -503,3 +503,55 @@ def test_the_snapshot_after_a_skip_is_taken_on_both_paths(tmp_path, groups2):
         ranks = run_ranks(groups2, lambda r, g, mode=mode: _skip_then_weight_fault(
             r, tmp_path / f"{mode}2", mode, TorchComm(g, timeout_s=30)))
         assert ranks[0] == ranks[1] and ranks[0][0][:4] == [-1, 0, 3, 6] and ranks[0][1] == [6], (mode, ranks)
+
+
+def test_gradient_accumulation_drops_the_gradients_a_late_rollback_made_stale(tmp_path):
+    """Micro-steps call step(), every second one the gate: a weight fault judged in a micro-step without the gate
+    rolls back there, and the gradients that micro-step accumulated on the faulty weights go with the state."""
+    out = {}
+    for mode in ("sync", "async"):
+        model = make_mlp()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+        ctl = GradienceController(out_dir=str(tmp_path / mode), guard_verdict=mode, spectral_enabled=False,
+                                  guard_snapshot_interval=2)
+        ctl.initialize(model, optimizer=opt)
+        for step in range(12):
+            loss = mlp_loss(model, step)
+            loss.backward()
+            if step % 2 == 1:
+                ctl.before_optimizer_step(model, opt, step=step, loss=loss.detach())
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            if step == 3:
+                poison("0.weight")(model)
+            assert ctl.step(step, loss.detach(), model)
+        g = ctl.finalize()["guard"]
+        out[mode] = (g["total_rollbacks"], g["total_skipped_steps"], g["integrity_status"])
+    assert out["sync"] == out["async"] == (1, 0, "RECOVERED")
+
+
+def test_an_asynchronous_check_that_raises_on_one_rank_is_a_probe_error_on_every_rank(tmp_path, groups2):
+    """A defect of the guard on the device path (here its gradient norm pass, on rank 1 from step 4) must not
+    stop that rank from joining the all-reduce: every rank reports the probe error, the check goes off after
+    probe_error_limit in a row (the run then continues synchronously) and nobody waits for a timeout."""
+    def rank_fn(rank, group):
+        model = make_mlp()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+        ctl = GradienceController(out_dir=str(tmp_path), comm=TorchComm(group, timeout_s=30), guard_verdict="async",
+                                  spectral_enabled=False, guard_snapshot_interval=3)
+
+        def broken(step, m, o):
+            if rank == 1 and step == 4:
+                def boom(*args, **kwargs):
+                    raise RuntimeError("norm pass failed")
+                ctl._deferred._grads = boom
+
+        summary = _fused_loop(ctl, model, opt, 10, on_step=broken)["guard"]
+        return summary["integrity_status"], summary["disabled_checks"], summary["verdict_path"]
+
+    results = run_ranks(groups2, rank_fn)
+    assert [r[0] for r in results] == ["OK", "OK"] and [r[2] for r in results] == ["sync", "sync"]
+    assert results[0][1] == {"grads": "raised on another rank"}
+    assert results[1][1] == {"grads": "RuntimeError: norm pass failed"}
+    errors = events(tmp_path, "probe_error", rank=0)
+    assert [e["step"] for e in errors][:3] == [4, 5, 6] and errors[2]["disabled"] and errors[0]["faulty_ranks"] == [1]

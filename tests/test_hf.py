@@ -356,3 +356,18 @@ def test_plain_accelerate_cpu_flag_starts_one_process_and_is_caught(tmp_path):
                 "--output_dir", str(tmp_path / "o"), "--max_steps", "1")
     assert r.returncode != 0
     assert "expected world size 2, but the Trainer runs 1 process" in r.stderr
+
+
+def test_under_the_asynchronous_verdict_a_trainer_checkpoint_never_holds_an_unjudged_step(tmp_path):
+    """The Trainer saves right after step(); the asynchronous verdict of that step is judged before the save
+    (GradienceController.settle), so a weight fault in a save step is rolled back first, not saved."""
+    from safetensors.torch import load_file
+
+    cb = GradienceCallback(out_dir=str(tmp_path / "g"), guard_verdict="async", spectral_enabled=False,
+                           guard_snapshot_interval=2)
+    make_trainer(tmp_path, [WeightNaN({4}), cb], max_steps=8, save_steps=4, save_strategy="steps",
+                 optim="adamw_torch_fused").train()
+    saved = load_file(str(tmp_path / "checkpoint-4" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in saved.values() if v.is_floating_point())
+    assert [(e["step"], e["verdict_step"]) for e in events(tmp_path / "g", "rollback_success")] == [(4, 4)]
+    assert cb.controller.state.verdict_path == "async"

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from gradience import policy
 from gradience.config import GradienceConfig
-from gradience.types import Action, GuardState, Phase, Reason, Verdict
+from gradience.types import Action, Decision, GuardState, Phase, Reason, Verdict
 
 CFG = GradienceConfig(
     guard_snapshot_interval=10,
@@ -698,7 +698,8 @@ def test_a_snapshot_in_flight_is_confirmed_committed_or_dropped_by_the_verdicts(
     from gradience.types import PendingSnapshot
 
     cfg = CFG.replace(guard_snapshot_interval=10)
-    s = with_snaps(0, pending=PendingSnapshot(**pending) if pending else None)
+    quiet = pending["commit_tick"] if pending and pending["confirmed"] else None  # as on_snapshot_begun leaves it
+    s = with_snaps(0, pending=PendingSnapshot(**pending) if pending else None, quiet_until=quiet)
     s, d = policy.decide(s, verdict, cfg)
     # The snapshot stays in flight until the executor reports the commit or the drop.
     if d.commit_sid is not None:
@@ -784,3 +785,17 @@ def test_probe_errors_table(streak, error, expected):
 def test_finalize_commits_a_judged_snapshot_and_drops_one_taken_ahead(pending, expected):
     d = policy.on_finalize(dataclasses.replace(GuardState(), pending=pending))
     assert (d.commit_sid, d.abandon_sid) == expected
+
+
+def test_a_resumed_run_keeps_the_quiet_of_the_snapshot_it_resumed_from():
+    """A reaction's snapshot step inside the commit lag of the snapshot a run resumed from is not taken, as the
+    live run did not take it: the quiet travels in the stored state."""
+    cfg = CFG.replace(guard_snapshot_commit_lag=2)
+    s, _ = policy.on_snapshot_begun(with_snaps(0), 1, 30, cfg, confirmed=True)
+    stored = policy.on_snapshot_committed(s, 1, cfg)
+    resumed = policy.on_resume(stored.to_dict(), (0, 1))
+    assert resumed.quiet_until == 32 and resumed.pending is None
+    d = policy._one_at_a_time(resumed, Decision(action=Action.SNAPSHOT, capture=True), after(31, tick=31))
+    assert (d.action, d.capture) == (Action.CONTINUE, False)
+    reacting = cfg.replace(risk_reactions=True, spectral_interval=1)  # every step may call for a snapshot
+    assert [policy.capture_ahead(resumed, t, reacting).capture for t in (31, 32, 33)] == [False, False, True]

@@ -192,12 +192,15 @@ class GradienceCallback(TrainerCallback, ExportableState):
         loss = self._step_loss(args)
         if not self.controller.step(state.global_step, loss, kwargs.get("model")):
             _stop(control)
+        elif control.should_save and not self.controller.settle():  # never a checkpoint of an unjudged step
+            _stop(control)
         return control
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> TrainerControl:
-        """Keep an epoch-end checkpoint from saving the weights of a halted run."""
-        if self.halted:
+        """Keep an epoch-end checkpoint from saving the weights of a halted run, or of an unjudged step."""
+        if self.halted or (control.should_save and self.controller is not None and self._ds is None
+                           and not self.controller.settle()):
             _stop(control)
         return control
 
