@@ -373,17 +373,22 @@ def test_a_run_resumed_under_a_commit_lag_decides_as_the_live_run_did(tmp_path, 
     assert bitwise_same(live_state, resumed_state)
 
 
-def test_a_numpy_loss_is_judged_on_both_paths(tmp_path):
-    import numpy as np
-
-    rolled = {}
+def _on_both_paths(tmp_path, **loop):
+    """(mode, (controller, run_loop's result)) for the same fused-AdamW MLP run on each verdict path."""
     for mode in ("sync", "async"):
         model = make_mlp()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
         ctl = GradienceController(out_dir=str(tmp_path / mode), guard_verdict=mode, guard_snapshot_interval=4,
                                   spectral_enabled=False)
-        run_loop(model, mlp_loss, ctl, steps=10, optimizer=opt,
-                 guard_loss=lambda s, loss: np.float32("nan") if s == 6 else np.float32(loss.item()))
+        yield mode, (ctl, run_loop(model, mlp_loss, ctl, optimizer=opt, **loop))
+
+
+def test_a_numpy_loss_is_judged_on_both_paths(tmp_path):
+    import numpy as np
+
+    rolled = {}
+    for mode, _ in _on_both_paths(tmp_path, steps=10, guard_loss=lambda s, loss: np.float32(
+            "nan") if s == 6 else np.float32(loss.item())):
         rolled[mode] = [(e["verdict_step"], e["reason"], e["to_step"]) for e in events(tmp_path / mode,
                                                                                      "rollback_success")]
     assert rolled["sync"] == rolled["async"] == [(6, "NONFINITE_LOSS", 4)]
@@ -467,13 +472,8 @@ def test_a_persistent_gradient_fault_halts_on_both_paths_with_the_same_budget(tm
     """NaN gradients on every step from step 20 (the report: 48 rollbacks, LR scale 3.6e-15 and exit 0 under the
     asynchronous verdict): both paths halt with exit status 3 after guard_max_rollbacks rollbacks."""
     out = {}
-    for mode in ("sync", "async"):
-        model = make_mlp()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
-        ctl = GradienceController(out_dir=str(tmp_path / mode), guard_verdict=mode, guard_snapshot_interval=4,
-                                  spectral_enabled=False)
-        res = run_loop(model, mlp_loss, ctl, steps=600, optimizer=opt,
-                       on_grads=lambda s, m: m[2].bias.grad.fill_(float("nan")) if s >= 20 else None)
+    for mode, (ctl, res) in _on_both_paths(tmp_path, steps=600, on_grads=lambda s, m: m[2].bias.grad.fill_(
+            float("nan")) if s >= 20 else None):
         g = res["summary"]["guard"]
         out[mode] = (res["stopped_at"], ctl.exit_code, g["halt_reason"], g["total_rollbacks"], g["lr_scale"])
     sync, late = out["sync"], out["async"]
