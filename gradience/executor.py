@@ -128,7 +128,8 @@ class Executor:
             # Every rank sees the same verdict: the marker is written together, once no rank is still writing.
             self.persist(state, step)
         if decision.abandon_sid is not None:
-            state = self.abandon(state, step, decision.abandon_sid)
+            fault = decision.action in (Action.ROLLBACK, Action.HALT)
+            state = self.abandon(state, step, decision.abandon_sid, fault=fault)
         if decision.commit_sid is not None:
             state = self.commit(state, step, decision.commit_sid)
         if decision.capture:
@@ -195,11 +196,11 @@ class Executor:
         self.collective(step, self.recovery.prune, state.committed_sids, state=state)
         return state
 
-    def abandon(self, state: GuardState, step: int | None, sid: int) -> GuardState:
+    def abandon(self, state: GuardState, step: int | None, sid: int, *, fault: bool = True) -> GuardState:
         """*Local.* Drop snapshot ``sid``, the one in flight (every rank drops it at the same decision)."""
         _in_flight(self.store.pending_id, sid)
         self._at_tick.pop(sid, None)
-        self.recovery.abandon(step)
+        self.recovery.abandon(step, fault=fault)
         return policy.on_snapshot_abandoned(state, sid)
 
     def persist(self, state: GuardState, step: int | None) -> None:
@@ -275,22 +276,17 @@ class Executor:
                             total_rollbacks=state.total_rollbacks)
 
     def blame(self, verdict: Verdict | None) -> dict[str, Any]:
-        """:func:`blame` with this run's ranks."""
-        return blame(verdict, self.global_ranks)
+        """Which ranks a verdict blames, by group and global rank, and where each wrote its evidence."""
+        ranks = list(verdict.faulty_ranks) if verdict is not None else []
+        g = [self.global_ranks[r] for r in ranks if r < len(self.global_ranks)]
+        # Each faulty rank names its own bad tensors ("bad") in its own telemetry file.
+        return {"faulty_ranks": ranks, "faulty_global_ranks": g, "evidence_in": [telemetry_filename(r) for r in g]}
 
     def _warn_backoff(self, step: int | None) -> None:
         why = check_backoff_target(self.recovery.target)
         if why and not self._warned_backoff:
             self._warned_backoff = True
             self.telemetry.emit("lr_backoff_unavailable", step=step, detail=why)
-
-
-def blame(verdict: Verdict | None, global_ranks: tuple[int, ...]) -> dict[str, Any]:
-    """Which ranks a verdict blames, by group and global rank, and where each wrote its evidence."""
-    ranks = list(verdict.faulty_ranks) if verdict is not None else []
-    g = [global_ranks[r] for r in ranks if r < len(global_ranks)]
-    # Each faulty rank names its own bad tensors ("bad") in its own telemetry file.
-    return {"faulty_ranks": ranks, "faulty_global_ranks": g, "evidence_in": [telemetry_filename(r) for r in g]}
 
 
 def _in_flight(pending: int | None, sid: int) -> None:

@@ -341,6 +341,10 @@ def _snapshot(lg: EventLogger, r: Mapping[str, Any]) -> _Out:
                                "is being written in the background)"), False
     if r.get("committed"):
         return logging.DEBUG, f"snapshot of step {_t(step)} committed ({_t(r.get('tier'))}, {_t(r.get('path'))})", False
+    if r.get("abandoned_at") is not None and r.get("fault") is False:
+        # The asynchronous verdict copies a step before it is judged; its verdict kept it from being a snapshot.
+        return logging.DEBUG, (f"dropped the copy of step {_t(step)} taken ahead of its verdict: that step is not "
+                               "a snapshot (its update was skipped, or no reaction called for one)"), False
     if r.get("abandoned_at") is not None or (isinstance(error, str) and error.startswith("abandoned")):
         # Dropping an in-flight snapshot because a fault came first is the guard working, not a problem.
         return logging.INFO, f"dropped the pending snapshot of step {_t(step)}: a fault came before its commit", False

@@ -270,9 +270,9 @@ def capture_ahead(state: GuardState, tick: int, config: GradienceConfig) -> Deci
     quiet = state.quiet_until is not None and tick <= state.quiet_until
     if state.halted or not config.guard_enabled or state.pending is not None or quiet:
         return none
-    probe = Verdict(phase=Phase.STEP, step=tick, tick=tick)
-    reaction = config.risk_reactions and spectral_due(tick, config, state)
-    return _replace(none, capture=True) if reaction or _judge(state, probe, config)[1].capture else none
+    # A healthy, applied step is a snapshot on the schedule (what _healthy decides), or by a reaction to its κ̃.
+    due = snapshot_due(tick, config) or (config.risk_reactions and spectral_due(tick, config, state))
+    return _replace(none, capture=True) if due else none
 
 
 def on_snapshot_committed(state: GuardState, sid: int, config: GradienceConfig, *,

@@ -78,13 +78,14 @@ class Recovery:
                             (None if ok else "another rank failed"))
         return sid, ok
 
-    def abandon(self, at_label: int | None) -> None:
-        """*Local.* Drop the in-flight snapshot (a fault came before its commit)."""
+    def abandon(self, at_label: int | None, *, fault: bool = True) -> None:
+        """*Local.* Drop the in-flight snapshot: a fault came before its commit, or (``fault`` False) the copy was
+        taken ahead of a verdict that did not make its step a snapshot."""
         sid = self.store.abandon()
         if sid is not None:
             self.telemetry.emit("snapshot", step=self.labels.get(sid), snapshot_id=sid, committed=False,
                                 committed_at=None, tier=self.config.guard_snapshot_tier, path=None,
-                                abandoned_at=at_label)
+                                abandoned_at=at_label, fault=fault)
 
     def persist(self, at_label: int | None) -> bool | None:
         """*Collective.* Write the marker of the snapshot committed from memory once its shards are written;

@@ -480,6 +480,11 @@ def test_a_persistent_gradient_fault_halts_on_both_paths_with_the_same_budget(tm
     assert sync[1:] == late[1:] == (3, "ROLLBACK_BUDGET_EXHAUSTED", 3, 0.125)
     # One step later per rollback (each discards the step in flight), plus the one-step lag of the verdict.
     assert late[0] - sync[0] == 3 + 1
+    # The copies taken ahead of skipped steps (every step from 20 on) were dropped as what they are, not as
+    # faults that came before a commit.
+    ahead = [e["step"] for e in events(tmp_path / "async", "snapshot") if e.get("fault") is False]
+    assert ahead and min(ahead) == 20
+    assert not [e for e in events(tmp_path / "sync", "snapshot") if e.get("fault") is False]
 
 
 def _skip_then_weight_fault(rank: int, out, mode: str, comm=None) -> tuple[list, list]:

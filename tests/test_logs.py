@@ -134,6 +134,16 @@ def test_snapshot_levels(tel, caplog):
     assert l3 == logging.INFO and "dropped the pending snapshot of step 30" in m3
 
 
+def test_a_copy_taken_ahead_and_dropped_is_not_called_a_fault(tel, caplog):
+    tel.emit("snapshot", step=40, snapshot_id=5, committed=False, committed_at=None, tier="disk", path=None,
+             abandoned_at=41, fault=False)
+    tel.emit("snapshot", step=50, snapshot_id=6, committed=False, committed_at=None, tier="disk", path=None,
+             abandoned_at=51, fault=True)
+    (l1, m1), (l2, m2) = lines(caplog)
+    assert l1 == logging.DEBUG and "copy of step 40 taken ahead of its verdict" in m1 and "fault" not in m1
+    assert l2 == logging.INFO and "dropped the pending snapshot of step 50: a fault came before its commit" in m2
+
+
 def test_lr_backoff_unavailable(tel, caplog):
     tel.emit("lr_backoff_unavailable", step=0, detail="no optimizer and no set_lr")
     level, msg = one(caplog)
